@@ -1,0 +1,22 @@
+# Quickstart targets: each does its own set-up in .venv, so they work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q
+
+.PHONY: test demo setup
+
+# torch first: pip picks the local 2.13.0 CPU build here, the default build elsewhere;
+# installing it before the package keeps pip from resolving torch to a newer CUDA build.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(PY) benchmarks/losses.py --quick

