@@ -1,1 +1,6 @@
-"""TRL trainer subclasses: on-policy distillation and self-distillation."""
+"""TRL trainer subclasses: on-policy distillation and self-distillation, sharing one core (`core.py`)."""
+
+from .core import DenseDistillTrainer, DistillConfig
+from .opd import OnPolicyDistillConfig, OnPolicyDistillTrainer
+
+__all__ = ["DenseDistillTrainer", "DistillConfig", "OnPolicyDistillConfig", "OnPolicyDistillTrainer"]

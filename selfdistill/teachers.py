@@ -1,0 +1,93 @@
+"""Teacher back-ends: score the student's exact completion tokens under a teacher.
+
+A teacher is anything with `score(prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores`.
+The trainers only call that method, so a teacher served elsewhere (e.g. by vLLM) drops in without touching them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import is_peft_model
+
+from .losses import token_logprobs
+
+
+@dataclass
+class TeacherScores:
+    """Teacher log-probs of the completion tokens, `(B, T)`, zero where masked; and, when asked for, the teacher's
+    last hidden states at the positions that predict them, `(B, T, H)`, for the logit-level term (`head` projects
+    them to logits)."""
+
+    logp_BT: torch.Tensor
+    hidden_BTH: torch.Tensor | None = None
+
+
+def causal_lm_parts(model):
+    """`(backbone, head)` of a Hugging Face causal LM, through accelerate/DeepSpeed wrappers and PEFT.
+
+    The backbone maps token ids to last hidden states (`model.base_model` for HF models); the head is the output
+    embedding. Calling them separately lets us project only completion positions, in chunks.
+    """
+    model = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model.base_model, model.get_output_embeddings()
+
+
+def completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Last hidden states `(B, T, H)` at the positions that predict each completion token.
+
+    Position `P − 1 + t` (P = padded prompt length) predicts completion token t. Prompts are left-padded and
+    completions right-padded, the layout GRPOTrainer produces.
+    """
+    backbone, _ = causal_lm_parts(model)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    return hidden[:, P - 1 : P - 1 + T]
+
+
+class ModelTeacher:
+    """A local causal LM as teacher: a separate model (on-policy distillation) or the student itself (self-
+    distillation). Runs under `no_grad` in micro-batches of `batch_size` rows; logits are computed only for
+    completion positions, `chunk_size` tokens at a time, at the sampling temperature."""
+
+    def __init__(self, model, temperature: float, batch_size: int, return_hidden: bool = False):
+        self.model, self.temperature, self.batch_size, self.return_hidden = model, temperature, batch_size, return_hidden
+
+    @property
+    def head(self):
+        return causal_lm_parts(self.model)[1]
+
+    @torch.no_grad()
+    def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
+        logps, hiddens = [], []
+        for start in range(0, prompt_ids.shape[0], self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            hidden = completion_hidden_states(
+                self.model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]
+            )
+            logps.append(
+                token_logprobs(
+                    hidden, completion_ids[rows], completion_mask[rows], head=self.head, temperature=self.temperature
+                )
+            )
+            if self.return_hidden:
+                hiddens.append(hidden)
+        return TeacherScores(torch.cat(logps), torch.cat(hiddens) if self.return_hidden else None)
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+    """Raise a ValueError naming both models and the first differing token unless both tokenizers map the same
+    strings to the same ids. Needed because the teacher scores the student's token ids as they are."""
+    vocab_s, vocab_t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if vocab_s == vocab_t:
+        return
+    for token in sorted(set(vocab_s) | set(vocab_t), key=lambda t: (vocab_s.get(t, vocab_t.get(t)), t)):
+        if vocab_s.get(token) != vocab_t.get(token):
+            raise ValueError(
+                f"The student ({student_name}) and teacher ({teacher_name}) tokenizers differ: token {token!r} has id "
+                f"{vocab_s.get(token)} in the student and {vocab_t.get(token)} in the teacher. The teacher scores the "
+                "student's token ids, so both must share one vocabulary (cross-tokenizer distillation is not supported)."
+            )

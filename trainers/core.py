@@ -1,0 +1,173 @@
+"""The core both trainers share: teacher scores → per-token advantages for GRPO's loss, plus an optional
+logit-level term.
+
+Per rollout b and completion token t (ARCHITECTURE.md, "Data flow of one step"):
+
+    A_bt = task_weight · A_group_b + kl_coef · a_bt,    a_bt = −(logp_S(x_t) − logp_T(x_t))   [detached]
+
+with an optional discount γ (`kl_discount`) turning a_bt into Σ_{s≥t} γ^{s−t} a_bs. GRPO's own loss (its
+`loss_type`, clipping and importance-sampling correction) consumes these `(B, T)` advantages unchanged. The
+optional logit-level term adds `distill_loss_weight · JSD_β(S‖T)` over the full vocabulary or a top-k support.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from ..losses import importance_weights, jsd, masked_mean, reverse_kl_advantage, token_logprobs
+from ..teachers import causal_lm_parts
+
+
+@dataclass
+class DistillConfig(GRPOConfig):
+    """Fields shared by `OnPolicyDistillConfig` and `SelfDistillConfig`; everything else is GRPOConfig's."""
+
+    kl_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the sampled-token reverse-KL advantage (tinker-cookbook kl_penalty_coef=1)."},
+    )
+    task_weight: float = field(default=1.0, metadata={"help": "Weight of GRPO's group-normalised reward advantage."})
+    kl_discount: float = field(
+        default=0.0, metadata={"help": "Discount γ: the KL advantage at t sums later terms γ^(s−t). 0 = per token."}
+    )
+    teacher_logp_threshold: float = field(
+        default=math.log(0.01),
+        metadata={"help": "Logged metric: fraction of sampled tokens whose teacher log-prob is below this (p<1%)."},
+    )
+    distill_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the logit-level JSD_β term (GKD-style). 0 turns it off."}
+    )
+    distill_beta: float = field(
+        default=0.5, metadata={"help": "β of JSD_β: 0 forward KL(T‖S), 1 reverse KL(S‖T) (TRL's convention)."}
+    )
+    distill_top_k: int | None = field(
+        default=None, metadata={"help": "Top-k support of the logit-level term; None = full vocabulary."}
+    )
+    distill_support: str = field(
+        default="student", metadata={"help": "Whose top-k defines the support: 'student' or 'teacher'."}
+    )
+    distill_add_tail: bool = field(
+        default=True, metadata={"help": "Add a bucket with the mass outside the top-k (SDPO paper code)."}
+    )
+    distill_is_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clip of the token-level IS weight exp(logp_now − logp_old) on the logit-level term."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distill_support not in ("student", "teacher"):
+            raise ValueError(f"distill_support must be 'student' or 'teacher', got {self.distill_support!r}")
+        if not 0.0 <= self.distill_beta <= 1.0:
+            raise ValueError(f"distill_beta must be in [0, 1], got {self.distill_beta}")
+        if self.distill_top_k is not None and self.distill_top_k < 1:
+            raise ValueError(f"distill_top_k must be >= 1 or None, got {self.distill_top_k}")
+
+
+def no_reward(completions, **kwargs) -> list[float]:
+    """Zero reward, used when a trainer gets `reward_funcs=None` (pure distillation): the KL term is the signal."""
+    return [0.0] * len(completions)
+
+
+class DenseDistillTrainer(GRPOTrainer):
+    """GRPOTrainer whose advantages gain a dense per-token teacher term.
+
+    Overrides two GRPOTrainer methods, and nothing else:
+    - `_generate_and_score_completions`: after GRPO generates and rewards, score the completion tokens under the
+      teacher and replace the `(B,)` advantages by the `(B, T)` ones of the module docstring;
+    - `_compute_loss`: add the optional logit-level JSD term to GRPO's loss.
+
+    Subclasses set `self.teacher` (see `selfdistill.teachers`) and implement `_teacher_prompts`.
+    """
+
+    def _teacher_prompts(self, inputs: list[dict], batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(prompt_ids, prompt_mask, has_teacher_B)`: the prompt the teacher conditions on for each rollout, and
+        whether the rollout gets a distillation term at all."""
+        raise NotImplementedError
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        args, mode = self.args, "train" if self.model.training else "eval"
+        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+        teacher_prompt_ids, teacher_prompt_mask, has_teacher_B = self._teacher_prompts(inputs, batch)
+        scores = self.teacher.score(teacher_prompt_ids, teacher_prompt_mask, completion_ids, completion_mask)
+        student_logp_BT = batch.get("old_per_token_logps")
+        if student_logp_BT is None:
+            with torch.no_grad():
+                student_logp_BT = self._get_per_token_logps_and_entropies(
+                    self.model,
+                    torch.cat([batch["prompt_ids"], completion_ids], dim=1),
+                    torch.cat([batch["prompt_mask"], completion_mask], dim=1),
+                    completion_ids.shape[1],
+                    batch_size=args.per_device_train_batch_size,
+                )[0]
+        mask_BT = completion_mask * batch.get("tool_mask", 1) * has_teacher_B.unsqueeze(1).to(completion_mask.dtype)
+        kl_adv_BT = reverse_kl_advantage(student_logp_BT, scores.logp_BT, mask_BT, args.kl_discount)
+        batch["advantages"] = args.task_weight * batch["advantages"].unsqueeze(1) + args.kl_coef * kl_adv_BT
+        if args.distill_loss_weight:
+            batch["teacher_hidden"], batch["distill_mask"] = scores.hidden_BTH, mask_BT
+            batch["student_logps_at_sampling"] = student_logp_BT
+        self._log_distill_metrics(mode, student_logp_BT, scores.logp_BT, mask_BT, has_teacher_B)
+        return batch
+
+    def _log_distill_metrics(self, mode, logp_s, logp_t, mask, has_teacher_B):
+        m = mask.float()
+        sums = torch.stack(
+            [
+                ((logp_s - logp_t) * m).sum(),
+                (logp_t * m).sum(),
+                (logp_s * m).sum(),
+                ((logp_t < self.args.teacher_logp_threshold).float() * m).sum(),
+                # Expected speculative-decoding acceptance of the student drafting for the teacher:
+                # E_{x~S} min(1, T(x)/S(x)) = Σ_x min(S(x), T(x)) (Leviathan et al. 2023).
+                ((logp_t - logp_s).clamp(max=0).exp() * m).sum(),
+                m.sum(),
+                has_teacher_B.float().sum(),
+                torch.tensor(float(has_teacher_B.numel()), device=m.device),
+            ]
+        )
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        n = sums[5].clamp(min=1)
+        names = ["reverse_kl", "teacher_logp", "student_logp", "frac_teacher_logp_below", "acceptance"]
+        for name, value in zip(names, sums[:5] / n):
+            self._metrics[mode][f"distill/{name}"].append(value.item())
+        self._metrics[mode]["distill/frac_with_teacher"].append((sums[6] / sums[7]).item())
+
+    def _compute_loss(self, model, inputs):
+        if not self.args.distill_loss_weight:
+            return super()._compute_loss(model, inputs)
+        # Reuse GRPO's student forward: capture the backbone's last hidden states (with their graph) instead of
+        # running the student a second time.
+        backbone, head = causal_lm_parts(model)
+        captured = []
+        handle = backbone.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            handle.remove()
+        args, mode = self.args, "train" if self.model.training else "eval"
+        completion_ids, mask_BT = inputs["completion_ids"], inputs["distill_mask"]
+        T = completion_ids.shape[1]
+        hidden_s = torch.cat(captured)[:, -T - 1 : -1]  # position P−1+t predicts completion token t
+        per_token = jsd(
+            hidden_s,
+            inputs["teacher_hidden"],
+            mask_BT,
+            beta=args.distill_beta,
+            student_head=head,
+            teacher_head=self.teacher.head,
+            temperature=self.temperature,
+            top_k=args.distill_top_k,
+            support=args.distill_support,
+            add_tail=args.distill_add_tail,
+        )
+        if args.distill_is_clip is not None:
+            with torch.no_grad():
+                logp_now = token_logprobs(hidden_s, completion_ids, mask_BT, head=head, temperature=self.temperature)
+            per_token = per_token * importance_weights(logp_now, inputs["student_logps_at_sampling"], args.distill_is_clip)
+        distill_loss = masked_mean(per_token, mask_BT)
+        self._metrics[mode]["distill/logit_loss"].append(self.accelerator.gather(distill_loss.detach()).mean().item())
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return loss + args.distill_loss_weight * distill_loss / accumulation

@@ -1,0 +1,87 @@
+"""On-policy distillation: the student samples, a separate teacher scores the student's own tokens, and the
+per-token reverse KL becomes a dense negative reward inside GRPO (Agarwal et al. 2024, GKD; Thinking Machines,
+"On-Policy Distillation", 2025).
+
+CPU (tiny models, as in the tests):
+    python -c "from selfdistill.trainers import OnPolicyDistillTrainer; help(OnPolicyDistillTrainer)"
+One GPU, vLLM colocate:
+    selfdistill train --config recipes/Qwen3-1.7B/opd/config_math.yaml --use_vllm --vllm_mode colocate
+"""
+
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer, PreTrainedModel
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import create_model_from_path
+
+from ..teachers import ModelTeacher, check_same_vocabulary
+from .core import DenseDistillTrainer, DistillConfig, no_reward
+
+
+@dataclass
+class OnPolicyDistillConfig(DistillConfig):
+    """GRPOConfig plus the distillation fields of `DistillConfig` and how to load the teacher."""
+
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for the teacher's from_pretrained (e.g. dtype), like model_init_kwargs."},
+    )
+
+
+class OnPolicyDistillTrainer(DenseDistillTrainer):
+    """`trl.GRPOTrainer` with a teacher's per-token reverse KL added to the advantages.
+
+    Overrides `_generate_and_score_completions` and `_compute_loss` (see `DenseDistillTrainer`); generation (HF or
+    vLLM), rewards, tools, loss types, clipping, IS correction, PEFT and distribution are GRPOTrainer's.
+
+    Args:
+        model: the student, as for GRPOTrainer.
+        teacher_model: a model id/path (loaded with `args.teacher_model_init_kwargs`) or a `PreTrainedModel`.
+        reward_funcs: verifiable rewards, or None for pure distillation (then the KL term is the whole signal).
+        teacher_processing_class: the teacher's tokenizer, for the vocabulary check; loaded from the teacher's path
+            when None.
+        Other arguments are GRPOTrainer's.
+    """
+
+    _tag_names = ["trl", "grpo", "selfdistill", "on-policy-distillation"]
+
+    def __init__(self, model, teacher_model, reward_funcs=None, args: OnPolicyDistillConfig | None = None,
+                 teacher_processing_class=None, **kwargs):
+        if args is None:
+            raise ValueError("OnPolicyDistillTrainer needs an OnPolicyDistillConfig (args=...).")
+        super().__init__(model, reward_funcs=reward_funcs if reward_funcs is not None else [no_reward], args=args,
+                         **kwargs)
+        if isinstance(teacher_model, str):
+            teacher_name = teacher_model
+            teacher_model = create_model_from_path(teacher_model, **(args.teacher_model_init_kwargs or {}))
+        elif isinstance(teacher_model, PreTrainedModel):
+            teacher_name = teacher_model.name_or_path
+        else:
+            raise TypeError(f"teacher_model must be a model id/path or a PreTrainedModel, got {type(teacher_model)}")
+        if teacher_processing_class is None:
+            teacher_processing_class = AutoTokenizer.from_pretrained(teacher_name)
+        student_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        check_same_vocabulary(student_tokenizer, teacher_processing_class, self.model.name_or_path, teacher_name)
+        if args.distill_loss_weight:
+            v_s = self.model.get_output_embeddings().weight.shape[0]
+            v_t = teacher_model.get_output_embeddings().weight.shape[0]
+            if v_s != v_t:
+                raise ValueError(f"The logit-level term needs equal vocabulary sizes; student {v_s}, teacher {v_t}.")
+
+        teacher_model.eval().requires_grad_(False)
+        # Placed like GRPOTrainer places its reference model.
+        if self.is_deepspeed_enabled:
+            teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        elif self.is_fsdp_enabled:
+            teacher_model = prepare_fsdp(teacher_model, self.accelerator)
+        else:
+            teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model = teacher_model
+        self.teacher = ModelTeacher(
+            teacher_model, self.temperature, args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight)
+        )
+
+    def _teacher_prompts(self, inputs, batch):
+        """The teacher sees exactly the student's prompt; every rollout is distilled."""
+        has_teacher_B = batch["completion_mask"].new_ones(batch["completion_mask"].shape[0], dtype=bool)
+        return batch["prompt_ids"], batch["prompt_mask"], has_teacher_B
