@@ -4,9 +4,11 @@ A teacher is anything with `score(prompt_ids, prompt_mask, completion_ids, compl
 The trainers only call that method, so a teacher served elsewhere (e.g. by vLLM) drops in without touching them.
 """
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 
 from .losses import token_logprobs
@@ -76,6 +78,84 @@ class ModelTeacher:
             if self.return_hidden:
                 hiddens.append(hidden)
         return TeacherScores(torch.cat(logps), torch.cat(hiddens) if self.return_hidden else None)
+
+
+class SelfTeacher(ModelTeacher):
+    """The student's own network as its teacher, in one of three kinds:
+
+    - `live`: the current weights, no extra memory;
+    - `ema`: an exponential moving average of the trainable weights, `θ_T ← (1−r)·θ_T + r·θ` after each optimizer
+      step (`update`); with PEFT only the adapter is trainable, so only the adapter is averaged;
+    - `base`: the frozen starting weights; with PEFT the adapter is disabled instead of copying the model.
+
+    `ema` and `base` (without PEFT) keep a snapshot of the trainable parameters and swap it into the network while
+    scoring. `head` projects with the snapshot's output embedding when it has one, so the logit-level term uses
+    the teacher's head, not the student's.
+    """
+
+    KINDS = ("live", "ema", "base")
+
+    def __init__(self, model, kind: str, update_rate: float, temperature: float, batch_size: int,
+                 return_hidden: bool = False):
+        if kind not in self.KINDS:
+            raise ValueError(f"teacher must be one of {self.KINDS}, got {kind!r}")
+        super().__init__(model, temperature, batch_size, return_hidden)
+        self.kind, self.update_rate = kind, update_rate
+        self.network = getattr(model, "module", model)
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        if kind == "ema" or (kind == "base" and not is_peft_model(self.network)):
+            if any(getattr(p, "ds_id", None) is not None for p in self.network.parameters()):
+                raise NotImplementedError("ema/base teachers keep a weight snapshot, which DeepSpeed ZeRO-3 shards; "
+                                          "use teacher='live', or PEFT with teacher='base'.")
+            self.snapshot = {n: p.detach().clone() for n, p in self._trainable()}
+
+    def _trainable(self):
+        return [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step after an optimizer step (no-op for live and base)."""
+        if self.kind == "ema":
+            for name, param in self._trainable():
+                self.snapshot[name].lerp_(param.detach().to(self.snapshot[name].dtype), self.update_rate)
+
+    @contextmanager
+    def _swapped_in(self):
+        params = dict(self._trainable())
+        live = {n: params[n].data for n in self.snapshot}
+        try:
+            for n, t in self.snapshot.items():
+                params[n].data = t
+            yield
+        finally:
+            for n, t in live.items():
+                params[n].data = t
+
+    def weights(self):
+        """Context in which the network holds the teacher's weights."""
+        if self.snapshot is not None:
+            return self._swapped_in()
+        if self.kind == "base":  # PEFT: the base model is the model with its adapter disabled
+            return self.network.disable_adapter()
+        return nullcontext()
+
+    @property
+    def head(self):
+        head = causal_lm_parts(self.model)[1]
+        name = next((n for n, p in self.network.named_parameters() if p is head.weight), None)
+        if self.snapshot is None or name not in self.snapshot:
+            return head
+        weight = self.snapshot[name]
+        return lambda hidden: F.linear(hidden, weight, head.bias)
+
+    def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
+        was_training = self.network.training
+        self.network.eval()  # no dropout in the teacher
+        try:
+            with self.weights():
+                return super().score(prompt_ids, prompt_mask, completion_ids, completion_mask)
+        finally:
+            self.network.train(was_training)
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:

@@ -1,0 +1,202 @@
+"""Self-distillation (SDPO, SDFT, OPSD): the model, shown privileged context, teaches itself.
+
+The teacher is the student's own network (live, EMA or frozen base) given a rewritten prompt that holds the
+verifier's feedback on this very rollout, a successful sibling rollout, a reference solution or a demonstration
+(`selfdistill.context`). It scores the student's exact completion tokens; the rest is the shared dense core
+(`trainers/core.py`): a sampled-token reverse-KL advantage through GRPO's loss, or a logit-level JSD_β term.
+
+Presets (`mode=`), each default with its source:
+- `sdpo` (Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation"; lasgroup/SDPO code and
+  `trl.experimental.sdpo` defaults): feedback + successful sibling, EMA teacher at rate 0.05, JSD β=0.5 on the
+  student's top-100 with a tail bucket, success threshold 1.0, IS clip 2.
+- `sdft` (Shenfeld et al. 2026, "Self-Distillation Enables Continual Learning"): demonstration context, EMA 0.01,
+  forward KL (β=0) over the full vocabulary (the author confirmed the paper's results used it; `distill_top_k=20`
+  is the cheap option).
+- `opsd` (Zhao et al. 2026, "Self-Distilled Reasoner: On-Policy Self-Distillation"): reference-solution context,
+  frozen base teacher, JSD β=0.5.
+Any field set explicitly wins over the preset.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl.trainer.utils import pad
+
+from ..context import SOURCES, Templates, teacher_prompts
+from ..rewards import FEEDBACK_KEY
+from ..teachers import SelfTeacher
+from .core import DenseDistillTrainer, DistillConfig, no_reward
+
+PRESETS = {
+    "sdpo": dict(context_sources=("feedback", "sibling"), teacher="ema", teacher_update_rate=0.05,
+                 objective="logits", distill_beta=0.5, distill_top_k=100, distill_add_tail=True,
+                 distill_is_clip=2.0, success_threshold=1.0),
+    "sdft": dict(context_sources=("demonstration",), teacher="ema", teacher_update_rate=0.01,
+                 objective="logits", distill_beta=0.0, distill_top_k=None, distill_add_tail=False,
+                 distill_is_clip=None, success_threshold=1.0),
+    "opsd": dict(context_sources=("solution",), teacher="base", teacher_update_rate=0.0,
+                 objective="logits", distill_beta=0.5, distill_top_k=None, distill_add_tail=False,
+                 distill_is_clip=None, success_threshold=1.0),
+}
+TEACHER_CHECKPOINT_FILE = "self_teacher_weights.pt"
+
+
+@dataclass
+class SelfDistillConfig(DistillConfig):
+    """GRPOConfig + DistillConfig + what the self-teacher sees. Fields left at None take the `mode` preset."""
+
+    mode: str = field(default="sdpo", metadata={"help": "Preset: 'sdpo', 'sdft' or 'opsd'."})
+    teacher: str | None = field(default=None, metadata={"help": "'live', 'ema' or 'base'."})
+    teacher_update_rate: float | None = field(default=None, metadata={"help": "EMA rate r: θ_T ← (1−r)θ_T + rθ."})
+    objective: str | None = field(
+        default=None,
+        metadata={"help": "'sampled_token' (reverse-KL advantage in GRPO's loss) or 'logits' (JSD_β term)."},
+    )
+    context_sources: list[str] | None = field(
+        default=None, metadata={"help": f"Teacher-context sources, among {SOURCES}."}
+    )
+    success_threshold: float | None = field(
+        default=None, metadata={"help": "A sibling whose total reward is at least this is shown as a solution."}
+    )
+    remove_thinking: bool = field(default=True, metadata={"help": "Strip <think>…</think> from a shown sibling."})
+    reprompt_template: str = field(default=Templates.reprompt)
+    solution_template: str = field(default=Templates.solution)
+    feedback_template: str = field(default=Templates.feedback)
+    demonstration_template: str = field(default=Templates.demonstration)
+    # Preset-controlled: None means "take the preset's value".
+    kl_coef: float | None = None
+    distill_loss_weight: float | None = None
+    distill_beta: float | None = None
+    distill_add_tail: bool | None = None
+    distill_top_k: int | None = field(default=None, metadata={"help": "Top-k support; None = preset, 0 = full vocabulary."})
+    distill_is_clip: float | None = field(default=None, metadata={"help": "IS clip; None = preset, 0 = off."})
+
+    def __post_init__(self):
+        if self.mode not in PRESETS:
+            raise ValueError(f"mode must be one of {sorted(PRESETS)}, got {self.mode!r}")
+        preset = PRESETS[self.mode]
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        # 0 means "off" (full vocabulary / no IS clip), since None already means "take the preset".
+        self.distill_top_k = self.distill_top_k or None
+        self.distill_is_clip = self.distill_is_clip or None
+        if self.objective not in ("sampled_token", "logits"):
+            raise ValueError(f"objective must be 'sampled_token' or 'logits', got {self.objective!r}")
+        sampled = self.objective == "sampled_token"
+        self.kl_coef = (1.0 if sampled else 0.0) if self.kl_coef is None else self.kl_coef
+        self.distill_loss_weight = (0.0 if sampled else 1.0) if self.distill_loss_weight is None else self.distill_loss_weight
+        self.context_sources = tuple(self.context_sources)
+        if set(self.context_sources) - set(SOURCES):
+            raise ValueError(f"context_sources must be among {SOURCES}, got {self.context_sources}")
+        super().__post_init__()
+
+    @property
+    def templates(self) -> Templates:
+        return Templates(self.reprompt_template, self.solution_template, self.feedback_template,
+                         self.demonstration_template)
+
+
+class _UpdateTeacher(TrainerCallback):
+    def __init__(self, teacher: SelfTeacher):
+        self.teacher = teacher
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.teacher.update()
+
+
+class SelfDistillTrainer(DenseDistillTrainer):
+    """`trl.GRPOTrainer` whose advantages (or loss) gain the self-teacher's dense per-token signal.
+
+    Overrides, beyond `DenseDistillTrainer`'s two:
+    - `_generate_and_score_completions`: hands each rollout a fresh feedback slot (the rewards' feedback channel);
+    - `_calculate_rewards`: keeps the gathered rewards, to find successful siblings;
+    - `_save_checkpoint` / `_load_optimizer_and_scheduler`: save and restore the EMA/base teacher weights.
+    """
+
+    _tag_names = ["trl", "grpo", "selfdistill", "self-distillation"]
+
+    def __init__(self, model, reward_funcs=None, args: SelfDistillConfig | None = None, **kwargs):
+        if args is None:
+            raise ValueError("SelfDistillTrainer needs a SelfDistillConfig (args=...).")
+        super().__init__(model, reward_funcs=reward_funcs if reward_funcs is not None else [no_reward], args=args,
+                         **kwargs)
+        self.teacher = SelfTeacher(self.model, args.teacher, args.teacher_update_rate, self.temperature,
+                                   args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight))
+        if args.teacher == "ema":
+            self.add_callback(_UpdateTeacher(self.teacher))
+
+    def _generate_and_score_completions(self, inputs):
+        # Fresh dict copies, so every rollout owns its feedback slot even if the sampler repeated one dict object.
+        inputs = [{**example, FEEDBACK_KEY: []} for example in inputs]
+        return super()._generate_and_score_completions(inputs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _teacher_prompts(self, inputs, batch):
+        args, mode = self.args, "train" if self.model.training else "eval"
+        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        completions = tokenizer.batch_decode(
+            [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)], skip_special_tokens=True
+        )
+        rewards = (self._rewards_per_func * self.reward_weights.to(self._rewards_per_func.device)).nansum(dim=1)
+        rewards[torch.isnan(self._rewards_per_func).all(dim=1)] = torch.nan
+        feedbacks = ["\n".join(example[FEEDBACK_KEY]) or None for example in inputs]
+        columns = {name: gather_object([example.get(name) for example in inputs])
+                   for name in ("solution", "demonstration", "privileged_context") if name in inputs[0]}
+        prompts_all = teacher_prompts(
+            gather_object([example["prompt"] for example in inputs]),
+            gather_object(completions),
+            rewards.tolist(),
+            gather_object(feedbacks),
+            columns,
+            group_size=self.num_generations if mode == "train" else self.num_generations_eval,
+            sources=args.context_sources,
+            success_threshold=args.success_threshold,
+            remove_thinking=args.remove_thinking,
+            templates=args.templates,
+        )
+        start = self.accelerator.process_index * len(inputs)
+        local = prompts_all[start : start + len(inputs)]
+        has_teacher_B = torch.tensor([p is not None for p in local], device=completion_ids.device)
+        self._metrics[mode]["self_distill/frac_with_feedback"].append(
+            sum(f is not None for f in gather_object(feedbacks)) / len(prompts_all)
+        )
+        if not any(p is not None for p in prompts_all):
+            warnings.warn(
+                "Self-distillation: no rollout in this batch has a teacher context (no rollout reached "
+                f"success_threshold={args.success_threshold}, and no feedback, solution or demonstration was given "
+                f"for context_sources={args.context_sources}), so the distillation term is zero for this batch."
+            )
+        # Rollouts without context still need a row: they keep their own prompt and are masked out.
+        teacher_inputs = [p if p is not None else example["prompt"] for p, example in zip(local, inputs)]
+        prompt_ids = self._tokenize_prompts(teacher_inputs)[0]
+        device = completion_ids.device
+        ids = [torch.tensor(x, device=device) for x in prompt_ids]
+        return (
+            pad(ids, padding_value=tokenizer.pad_token_id, padding_side="left"),
+            pad([torch.ones_like(x) for x in ids], padding_value=0, padding_side="left"),
+            has_teacher_B,
+        )
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.teacher.snapshot is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self.teacher.snapshot, os.path.join(folder, TEACHER_CHECKPOINT_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, TEACHER_CHECKPOINT_FILE)
+        if path is not None and os.path.exists(path):
+            saved = torch.load(path, map_location="cpu")
+            for name, tensor in self.teacher.snapshot.items():
+                tensor.copy_(saved[name])
