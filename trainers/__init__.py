@@ -2,5 +2,13 @@
 
 from .core import DenseDistillTrainer, DistillConfig
 from .opd import OnPolicyDistillConfig, OnPolicyDistillTrainer
+from .self_distill import SelfDistillConfig, SelfDistillTrainer
 
-__all__ = ["DenseDistillTrainer", "DistillConfig", "OnPolicyDistillConfig", "OnPolicyDistillTrainer"]
+__all__ = [
+    "DenseDistillTrainer",
+    "DistillConfig",
+    "OnPolicyDistillConfig",
+    "OnPolicyDistillTrainer",
+    "SelfDistillConfig",
+    "SelfDistillTrainer",
+]
