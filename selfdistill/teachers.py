@@ -80,6 +80,17 @@ class ModelTeacher:
         return TeacherScores(torch.cat(logps), torch.cat(hiddens) if self.return_hidden else None)
 
 
+class _SnapshotHead(torch.nn.Module):
+    """An output projection with weights taken from a teacher snapshot (not registered as parameters)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, hidden):
+        return F.linear(hidden, self.weight, self.bias)
+
+
 class SelfTeacher(ModelTeacher):
     """The student's own network as its teacher, in one of three kinds:
 
@@ -145,8 +156,7 @@ class SelfTeacher(ModelTeacher):
         name = next((n for n, p in self.network.named_parameters() if p is head.weight), None)
         if self.snapshot is None or name not in self.snapshot:
             return head
-        weight = self.snapshot[name]
-        return lambda hidden: F.linear(hidden, weight, head.bias)
+        return _SnapshotHead(self.snapshot[name], head.bias)
 
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
         was_training = self.network.training

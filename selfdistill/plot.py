@@ -1,0 +1,58 @@
+"""PNG curves of a run from the trainer's log history (`trainer_state.json`) and its eval points (`eval.json`)."""
+
+import glob
+import json
+import os
+
+CURVES = {
+    "reward": "reward",
+    "distill/reverse_kl": "reverse KL (sampled tokens)",
+    "distill/acceptance": "acceptance estimate",
+    "distill/frac_with_teacher": "fraction with teacher context",
+}
+
+
+def log_history(run_dir: str) -> list[dict]:
+    """The log history in `run_dir/trainer_state.json`, or in its newest checkpoint's."""
+    candidates = [os.path.join(run_dir, "trainer_state.json")]
+    candidates += sorted(glob.glob(os.path.join(run_dir, "checkpoint-*", "trainer_state.json")),
+                         key=lambda p: int(p.split("checkpoint-")[-1].split(os.sep)[0]), reverse=True)
+    for path in candidates:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)["log_history"]
+    raise FileNotFoundError(f"no trainer_state.json in {run_dir} or its checkpoints")
+
+
+def plot_run(run_dir: str, output: str | None = None) -> str:
+    """Write one PNG with a panel per logged curve (and eval pass@1 points when `eval.json` exists)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = log_history(run_dir)
+    curves = {key: [(h["step"], h[key]) for h in history if key in h] for key in CURVES}
+    curves = {key: points for key, points in curves.items() if points}
+    eval_path = os.path.join(run_dir, "eval.json")
+    evals = json.load(open(eval_path)) if os.path.exists(eval_path) else {}
+    panels = len(curves) + bool(evals)
+    if panels == 0:
+        raise ValueError(f"nothing to plot in {run_dir}: none of {list(CURVES)} was logged")
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.2), squeeze=False)
+    for ax, (key, points) in zip(axes[0], curves.items()):
+        ax.plot(*zip(*points), marker=".")
+        ax.set_title(CURVES[key])
+        ax.set_xlabel("step")
+    if evals:
+        ax = axes[0][-1]
+        for task, points in evals.items():
+            ax.plot([p["step"] for p in points], [p["pass@1"] for p in points], marker="o", label=task)
+        ax.set_title("held-out pass@1")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    output = output or os.path.join(run_dir, "curves.png")
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
