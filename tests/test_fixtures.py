@@ -25,3 +25,11 @@ def test_models_load_back_and_share_tokenizer(student_dir, teacher_dir):
     assert tok_s.decode(ids[0]) == "What is 12 + 30?"
     with torch.no_grad():
         assert torch.isfinite(student(ids).logits).all()
+
+
+def test_fixture_tokenizer_encodes_like_the_model_directories(tokenizer, student_dir, teacher_dir):
+    """AutoTokenizer applies Qwen2's digit split to a checkpoint whose config says qwen2; the fixture must agree."""
+    text = tokenizer.decode(sorted(tokenizer.get_vocab().values())) + " What is 12 + 345?\n\\boxed{1}"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for path in (student_dir, teacher_dir):
+        assert AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"] == ids

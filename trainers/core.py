@@ -18,6 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..losses import importance_weights, jsd, masked_mean, reverse_kl_advantage, token_logprobs
 from ..teachers import causal_lm_parts
+from ..vllm_sync import fix_vllm_cpu_weight_sync
 
 
 @dataclass
@@ -82,6 +83,10 @@ class DenseDistillTrainer(GRPOTrainer):
     Subclasses set `self.teacher` (see `selfdistill.teachers`) and implement `_teacher_prompts`.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        fix_vllm_cpu_weight_sync(self)  # colocated vLLM on CPU only; see selfdistill/vllm_sync.py
+
     def _teacher_prompts(self, inputs: list[dict], batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(prompt_ids, prompt_mask, has_teacher_B)`: the prompt the teacher conditions on for each rollout, and
         whether the rollout gets a distillation term at all."""
@@ -92,7 +97,10 @@ class DenseDistillTrainer(GRPOTrainer):
         args, mode = self.args, "train" if self.model.training else "eval"
         completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
         teacher_prompt_ids, teacher_prompt_mask, has_teacher_B = self._teacher_prompts(inputs, batch)
-        scores = self.teacher.score(teacher_prompt_ids, teacher_prompt_mask, completion_ids, completion_mask)
+        # The student's forward runs under accelerate's autocast (bf16 by default); the teacher calls the backbone
+        # directly, bypassing the wrapped `forward`, so it needs the same context to be comparable.
+        with self.accelerator.autocast():
+            scores = self.teacher.score(teacher_prompt_ids, teacher_prompt_mask, completion_ids, completion_mask)
         student_logp_BT = batch.get("old_per_token_logps")
         if student_logp_BT is None:
             with torch.no_grad():

@@ -15,6 +15,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path
 
 from ..teachers import ModelTeacher, check_same_vocabulary
+from ..vllm_teacher import VLLMServerTeacher
 from .core import DenseDistillTrainer, DistillConfig, no_reward
 
 
@@ -26,6 +27,13 @@ class OnPolicyDistillConfig(DistillConfig):
         default=None,
         metadata={"help": "Keyword arguments for the teacher's from_pretrained (e.g. dtype), like model_init_kwargs."},
     )
+    teacher_server_url: str | None = field(
+        default=None,
+        metadata={"help": "Score with a teacher served by vLLM at this URL (`vllm serve TEACHER`) instead of a local one."},
+    )
+    teacher_server_timeout: float = field(
+        default=240.0, metadata={"help": "Seconds to wait for the teacher server at start before failing."}
+    )
 
 
 class OnPolicyDistillTrainer(DenseDistillTrainer):
@@ -36,7 +44,8 @@ class OnPolicyDistillTrainer(DenseDistillTrainer):
 
     Args:
         model: the student, as for GRPOTrainer.
-        teacher_model: a model id/path (loaded with `args.teacher_model_init_kwargs`) or a `PreTrainedModel`.
+        teacher_model: a model id/path (loaded with `args.teacher_model_init_kwargs`) or a `PreTrainedModel`; None
+            when `args.teacher_server_url` points at a teacher served by vLLM.
         reward_funcs: verifiable rewards, or None for pure distillation (then the KL term is the whole signal).
         teacher_processing_class: the teacher's tokenizer, for the vocabulary check; loaded from the teacher's path
             when None.
@@ -45,22 +54,33 @@ class OnPolicyDistillTrainer(DenseDistillTrainer):
 
     _tag_names = ["trl", "grpo", "selfdistill", "on-policy-distillation"]
 
-    def __init__(self, model, teacher_model, reward_funcs=None, args: OnPolicyDistillConfig | None = None,
+    def __init__(self, model, teacher_model=None, reward_funcs=None, args: OnPolicyDistillConfig | None = None,
                  teacher_processing_class=None, **kwargs):
         if args is None:
             raise ValueError("OnPolicyDistillTrainer needs an OnPolicyDistillConfig (args=...).")
         super().__init__(model, reward_funcs=reward_funcs if reward_funcs is not None else [no_reward], args=args,
                          **kwargs)
+        student_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        if args.teacher_server_url is not None:
+            if teacher_model is not None:
+                raise ValueError("Pass either teacher_model or args.teacher_server_url, not both.")
+            if args.distill_loss_weight:
+                raise ValueError("The logit-level term needs a local teacher; the vLLM server teacher gives "
+                                 "sampled-token log-probs (distill_loss_weight must be 0).")
+            self.teacher_model = None
+            self.teacher = VLLMServerTeacher(args.teacher_server_url, student_tokenizer, self.temperature,
+                                             timeout=args.teacher_server_timeout)
+            return
         if isinstance(teacher_model, str):
             teacher_name = teacher_model
             teacher_model = create_model_from_path(teacher_model, **(args.teacher_model_init_kwargs or {}))
         elif isinstance(teacher_model, PreTrainedModel):
             teacher_name = teacher_model.name_or_path
         else:
-            raise TypeError(f"teacher_model must be a model id/path or a PreTrainedModel, got {type(teacher_model)}")
+            raise TypeError("teacher_model must be a model id/path or a PreTrainedModel (or set args.teacher_server_url), "
+                            f"got {type(teacher_model)}")
         if teacher_processing_class is None:
             teacher_processing_class = AutoTokenizer.from_pretrained(teacher_name)
-        student_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         check_same_vocabulary(student_tokenizer, teacher_processing_class, self.model.name_or_path, teacher_name)
         if args.distill_loss_weight:
             v_s = self.model.get_output_embeddings().weight.shape[0]
