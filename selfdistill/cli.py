@@ -120,9 +120,12 @@ def build_trainer(method: str, run: "RunArguments", config, model_path: str, tra
     if method == "grpo":
         return GRPOTrainer(model=model_path, reward_funcs=rewards, args=config, train_dataset=train_dataset)
     if method == "opd":
-        if run.teacher_model_name_or_path is None:
-            raise ValueError("method 'opd' needs teacher_model_name_or_path")
-        teacher = resolve_model(run.teacher_model_name_or_path, run.pruned_layers)
+        if config.teacher_server_url is not None:  # a teacher served by vLLM
+            teacher = None
+        elif run.teacher_model_name_or_path is None:
+            raise ValueError("method 'opd' needs teacher_model_name_or_path or --teacher_server_url")
+        else:
+            teacher = resolve_model(run.teacher_model_name_or_path, run.pruned_layers)
         return OnPolicyDistillTrainer(model=model_path, teacher_model=teacher, reward_funcs=rewards or None,
                                       args=config, train_dataset=train_dataset)
     return SelfDistillTrainer(model=model_path, reward_funcs=rewards, args=config, train_dataset=train_dataset)

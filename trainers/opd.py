@@ -58,7 +58,7 @@ class OnPolicyDistillTrainer(DenseDistillTrainer):
                  teacher_processing_class=None, **kwargs):
         if args is None:
             raise ValueError("OnPolicyDistillTrainer needs an OnPolicyDistillConfig (args=...).")
-        super().__init__(model, reward_funcs=reward_funcs if reward_funcs is not None else [no_reward], args=args,
+        super().__init__(model, reward_funcs=reward_funcs or [no_reward], args=args,
                          **kwargs)
         student_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if args.teacher_server_url is not None:

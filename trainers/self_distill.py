@@ -6,13 +6,14 @@ verifier's feedback on this very rollout, a successful sibling rollout, a refere
 (`trainers/core.py`): a sampled-token reverse-KL advantage through GRPO's loss, or a logit-level JSD_β term.
 
 Presets (`mode=`), each default with its source:
-- `sdpo` (Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation"; lasgroup/SDPO code and
+- `sdpo` (Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation", arXiv:2601.20802; lasgroup/SDPO code and
   `trl.experimental.sdpo` defaults): feedback + successful sibling, EMA teacher at rate 0.05, JSD β=0.5 on the
   student's top-100 with a tail bucket, success threshold 1.0, IS clip 2.
-- `sdft` (Shenfeld et al. 2026, "Self-Distillation Enables Continual Learning"): demonstration context, EMA 0.01,
+- `sdft` (Shenfeld et al. 2026, "Self-Distillation Enables Continual Learning", arXiv:2601.19897): demonstration context, EMA 0.01,
   forward KL (β=0) over the full vocabulary (the author confirmed the paper's results used it; `distill_top_k=20`
   is the cheap option).
-- `opsd` (Zhao et al. 2026, "Self-Distilled Reasoner: On-Policy Self-Distillation"): reference-solution context,
+- `opsd` (Zhao et al. 2026, "Self-Distilled Reasoner: On-Policy Self-Distillation for Large Language Models";
+  siyan-zhao/OPSD): reference-solution context,
   frozen base teacher, JSD β=0.5.
 Any field set explicitly wins over the preset.
 """
@@ -86,6 +87,8 @@ class SelfDistillConfig(DistillConfig):
         # 0 means "off" (full vocabulary / no IS clip), since None already means "take the preset".
         self.distill_top_k = self.distill_top_k or None
         self.distill_is_clip = self.distill_is_clip or None
+        if self.teacher not in SelfTeacher.KINDS:
+            raise ValueError(f"teacher must be one of {SelfTeacher.KINDS}, got {self.teacher!r}")
         if self.objective not in ("sampled_token", "logits"):
             raise ValueError(f"objective must be 'sampled_token' or 'logits', got {self.objective!r}")
         sampled = self.objective == "sampled_token"
@@ -124,7 +127,7 @@ class SelfDistillTrainer(DenseDistillTrainer):
     def __init__(self, model, reward_funcs=None, args: SelfDistillConfig | None = None, **kwargs):
         if args is None:
             raise ValueError("SelfDistillTrainer needs a SelfDistillConfig (args=...).")
-        super().__init__(model, reward_funcs=reward_funcs if reward_funcs is not None else [no_reward], args=args,
+        super().__init__(model, reward_funcs=reward_funcs or [no_reward], args=args,
                          **kwargs)
         self.teacher = SelfTeacher(self.model, args.teacher, args.teacher_update_rate, self.temperature,
                                    args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight))
