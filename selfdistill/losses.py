@@ -1,12 +1,26 @@
 """The divergence core: pure tensor functions, no trainer state.
 
-Shapes are in the names: `B` batch, `T` completion tokens, `V` vocabulary, `H` hidden size, `N` flattened rows.
+Shapes are in the names: `B` batch, `T` completion tokens, `V` vocabulary, `H` hidden size, `K` top-k support,
+`R = B·T` flattened rows, `N` unmasked rows.
 
-Memory: nothing here materialises `(B, T, V)` in fp32. Functions that take a `head` (an `nn.Linear`-like callable,
-e.g. `model.lm_head`) receive hidden states `(B, T, H)` and project them to logits one chunk of tokens at a time
-under activation checkpointing, so peak memory is O(chunk · V) in the forward *and* the backward pass. Without a
-head they take logits `(B, T, V)` and still work chunk by chunk, in fp32 inside a chunk. Only unmasked positions
-are computed at all.
+Memory: nothing here materialises `(B, T, V)`. Functions that take a `head` (an `nn.Linear`, e.g. `model.lm_head`)
+receive hidden states `(B, T, H)` and project them to logits one chunk of `DEFAULT_CHUNK` rows at a time into a few
+reused `(rows, V)` buffers (at most 4, in the JSD's forward pass), in the forward *and* the backward pass. The head's
+weight gradient is one `(V, H)` buffer in the compute dtype that every chunk adds into; a bf16 head is cast to fp32
+once per pass. Without a head the functions take logits `(B, T, V)` and still work chunk by chunk. Only unmasked
+positions are computed at all.
+
+Speed: each function is a custom `autograd.Function` with the analytic gradient with respect to the logits. The
+backward pass recomputes a chunk's logits (storing them would cost O(N · V)), forms `G = ∂loss/∂z` in place, and
+multiplies it back through the head: `∂h = G W`, `∂W += Gᵀ h`, `∂b += Σ G`. Full-vocabulary JSD: 6 matmuls of
+`N × H × V` (2 forward, 4 backward); top-k: 5 (the teacher's support log-probs are kept, not recomputed). TRL's
+chunked JSD needs 8, SDPO's loss utils 4 plus full `(N, V)` tensors (see benchmarks/losses.py).
+
+Numerics: the compute dtype is `promote_types(input, float32)`, so bf16/fp16 inputs are computed in fp32 and fp64
+inputs in fp64 (for `gradcheck`); outputs have the compute dtype. Log-probs are floored at `LOG_FLOOR`: a
+probability that is exactly 0 (a −inf logit, e.g. top-k filtered) then has a finite log, so `0 · log 0 = 0`, and a
+divergence that is truly infinite (e.g. teacher mass where the student has none, for KL(T‖S)) becomes a large finite
+penalty (≈ p · 1e4) with finite gradients instead of inf/NaN. No finite logit gap reaches the floor in practice.
 
 Conventions (shared with TRL's DistillationTrainer and `trl.experimental.sdpo`):
 - temperature τ: all log-probs are `log_softmax(logits / τ)`, the distribution the student sampled from;
@@ -16,44 +30,168 @@ Conventions (shared with TRL's DistillationTrainer and `trl.experimental.sdpo`):
 """
 
 import math
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
-Head = Callable[[torch.Tensor], torch.Tensor]
+Head = torch.nn.Linear  # anything with `.weight` (V, H) and `.bias` (V) or None
 
-DEFAULT_CHUNK = 1024
+# Rows per chunk. Each chunk's projection streams the whole (V, H) head, so fewer rows make it slower (measured on
+# CPU, V=152k, H=896: 1.5× at 55 rows, flat from about 220); more rows only cost memory (148 MiB per fp32 buffer
+# at V=152k).
+DEFAULT_CHUNK = 256
+LOG_FLOOR = -1e4  # exp(LOG_FLOOR) is exactly 0 in fp32 and fp64
 
 
-def _chunked_rows(fn, row_tensors: list[torch.Tensor], mask_BT: torch.Tensor, chunk_size: int):
-    """Apply `fn(*rows) -> tuple of (n,)` to the unmasked rows of `(B, T, ...)` tensors, `chunk_size` rows at a time.
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunked driver: projection, buffers, and the backward through the head, shared by all losses.
 
-    Returns a tuple of fp32 `(B, T)` tensors, zero at masked positions. Each chunk runs under non-reentrant
-    checkpointing when a gradient is needed, so its `(chunk, V)` intermediates are freed after the forward pass
-    and recomputed in the backward pass. A fully masked input still runs `fn` once on zero rows, so the result
-    stays attached to the graph (loss 0, gradient 0).
+
+def _logits_(x_nX: torch.Tensor, weight, bias, temperature: float, out_nV: torch.Tensor) -> torch.Tensor:
+    """`out ← (x Wᵀ + b) / τ`, or `x / τ` without a head, in the dtype of `out` (fp32 or fp64)."""
+    if weight is None:
+        out_nV.copy_(x_nX)
+    else:
+        torch.mm(x_nX.to(out_nV.dtype), weight.t(), out=out_nV)
+        if bias is not None:
+            out_nV.add_(bias)
+    if temperature != 1.0:
+        out_nV.div_(temperature)
+    return out_nV
+
+
+def _softmax(z_nV: torch.Tensor, out_nV: torch.Tensor) -> torch.Tensor:
+    """`out ← softmax(z)`; returns the row log-normaliser `logsumexp(z)`, `(n, 1)`.
+
+    One exp per entry, and no temporaries: torch's `logsumexp` is about 4× slower than `exp` on CPU.
     """
+    max_n1 = z_nV.amax(-1, keepdim=True)
+    sum_n1 = torch.sub(z_nV, max_n1, out=out_nV).exp_().sum(-1, keepdim=True)
+    out_nV.div_(sum_n1)
+    return max_n1 + sum_n1.log()
+
+
+def _rowdot_(a_nV: torch.Tensor, b_nV: torch.Tensor) -> torch.Tensor:
+    """`Σ_v a·b` per row, overwriting `a` (an `(n, V)` temporary costs more than the product on CPU)."""
+    return a_nV.mul_(b_nV).sum(-1)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Per-row values `f(z_s, z_t)` of the unmasked rows, chunk by chunk; `rule` supplies f and `∂f/∂z_s`.
+
+    The rule declares how many `(rows, V)` buffers each pass needs: the logits of each model, then work buffers.
+    `rule.forward(zs, zt, work, idx)` (`idx`: the chunk's row indices in `R`) may overwrite its `(n, V)` arguments and
+    returns `(value_n, *aux_n)`; the small aux tensors are kept for the backward pass. `rule.backward(zs, zt, work,
+    idx, aux, go_n)` gets freshly recomputed logits (each only if `rule.student_in_backward`,
+    `rule.teacher_in_backward`) and returns `G = go · ∂f/∂z_s`: dense, possibly in the storage of `zs`, or a sparse
+    COO tensor. The teacher's inputs are constants.
+    """
+
+    @staticmethod
+    def forward(ctx, rule, index_N, xs_RX, ws, bs, xt_RX, wt, bt):
+        ctx.save_for_backward(index_N, xs_RX, ws, bs, xt_RX, wt, bt)
+        dtype = rule.dtype
+        ws_, wt_ = (w if w is None else w.to(dtype) for w in (ws, wt))  # one cast per pass (a no-op in fp32)
+        N, V = index_N.numel(), xs_RX.shape[-1] if ws is None else ws.shape[0]
+        ctx.rule = rule
+        ctx.rows = rows = max(1, min(N, rule.chunk_size))
+        work = [torch.empty(rows, V, dtype=dtype, device=xs_RX.device) for _ in range(rule.forward_buffers)]
+        values, auxes = [], []
+        for start in range(0, N, rows):
+            sl = slice(start, min(start + rows, N))
+            n, idx = sl.stop - start, index_N[sl]
+            bufs = [w[:n] for w in work]
+            zs = _logits_(xs_RX.index_select(0, idx), ws_, bs, rule.temperature, bufs.pop(0))
+            zt = None if xt_RX is None else _logits_(xt_RX.index_select(0, idx), wt_, bt, rule.temperature, bufs.pop(0))
+            value, *aux = rule.forward(zs, zt, bufs, idx)
+            values.append(value)
+            auxes.append(aux)
+        ctx.aux = [torch.cat(a) for a in zip(*auxes)]  # derived, not inputs: no need for save_for_backward
+        return torch.cat(values) if values else xs_RX.new_zeros(0, dtype=dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go_N):
+        rule, rows, aux = ctx.rule, ctx.rows, ctx.aux
+        index_N, xs_RX, ws, bs, xt_RX, wt, bt = ctx.saved_tensors
+        _, _, need_x, need_w, need_b, *_ = ctx.needs_input_grad
+        dtype, N = rule.dtype, index_N.numel()
+        ws_, wt_ = (w if w is None else w.to(dtype) for w in (ws, wt))
+        V = xs_RX.shape[-1] if ws is None else ws.shape[0]
+        grad_x = torch.zeros_like(xs_RX) if need_x else None
+        grad_w = torch.zeros_like(ws_) if need_w else None  # accumulated in the compute dtype
+        grad_b = torch.zeros(V, dtype=dtype, device=xs_RX.device) if need_b else None
+        work = [torch.empty(rows, V, dtype=dtype, device=xs_RX.device) for _ in range(rule.backward_buffers)]
+        go_N = go_N.to(dtype) / rule.temperature  # z = logits / τ, so ∂/∂logits = ∂/∂z / τ
+        for start in range(0, N, rows):
+            sl = slice(start, min(start + rows, N))
+            n, idx = sl.stop - start, index_N[sl]
+            bufs = [w[:n] for w in work]
+            x_nX = xs_RX.index_select(0, idx)
+            zs = zt = None
+            if rule.student_in_backward:
+                zs = _logits_(x_nX, ws_, bs, rule.temperature, bufs.pop(0))
+            if rule.teacher_in_backward:
+                zt = _logits_(xt_RX.index_select(0, idx), wt_, bt, rule.temperature, bufs.pop(0))
+            G_nV = rule.backward(zs, zt, bufs, idx, [a[sl] for a in aux], go_N[sl])  # dense or sparse
+            if ws is None:  # logits in: their gradient is G itself
+                grad_x.index_copy_(0, idx, G_nV.to_dense().to(grad_x.dtype))
+                continue
+            if need_x:
+                grad_x.index_copy_(0, idx, (G_nV @ ws_).to(grad_x.dtype))
+            if need_w:
+                grad_w.addmm_(G_nV.t(), x_nX.to(dtype))
+            if need_b:
+                grad_b += G_nV.sum(0)
+        grad_w = None if grad_w is None else grad_w.to(ws.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bs.dtype)
+        return None, None, grad_x, grad_w, grad_b, None, None, None
+
+
+def _apply(rule, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_head=None) -> torch.Tensor:
+    """Run `rule` on the unmasked rows and scatter the values into a `(B, T)` tensor, zero at masked positions."""
     B, T = mask_BT.shape
     index_N = mask_BT.reshape(-1).nonzero().squeeze(-1)
-    rows = [x.reshape(B * T, *x.shape[2:]).index_select(0, index_N) for x in row_tensors]
-    pieces = []
-    for start in range(0, max(index_N.numel(), 1), chunk_size):
-        chunk = [r[start : start + chunk_size] for r in rows]
-        if torch.is_grad_enabled() and any(r.requires_grad for r in chunk):
-            pieces.append(checkpoint(fn, *chunk, use_reentrant=False))
-        else:
-            pieces.append(fn(*chunk))
-    return tuple(
-        torch.zeros(B * T, device=mask_BT.device).index_copy(0, index_N, torch.cat(parts).float()).view(B, T)
-        for parts in zip(*pieces)
-    )
+    ws, bs = (None, None) if student_head is None else (student_head.weight, student_head.bias)
+    xt = wt = bt = None
+    if teacher_BTX is not None:
+        xt = teacher_BTX.detach().reshape(B * T, -1)
+        if teacher_head is not None:
+            wt = teacher_head.weight.detach()
+            bt = None if teacher_head.bias is None else teacher_head.bias.detach()
+    values_N = _ChunkedLoss.apply(rule, index_N, student_BTX.reshape(B * T, -1), ws, bs, xt, wt, bt)
+    return values_N.new_zeros(B * T).index_copy(0, index_N, values_N).view(B, T)
 
 
-def _scaled_logits(x: torch.Tensor, head: Head | None, temperature: float) -> torch.Tensor:
-    logits = x if head is None else head(x)
-    return logits.float() / temperature
+def _compute_dtype(*tensors) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token log-probs.
+
+
+class _TokenLogprob:
+    """`f(z) = log_softmax(z)[token]`; `∂f/∂z = onehot(token) − softmax(z)`."""
+
+    forward_buffers, backward_buffers, student_in_backward, teacher_in_backward = 2, 1, True, False
+
+    def __init__(self, tokens_R, temperature, chunk_size, dtype):
+        self.tokens_R1 = tokens_R[:, None]
+        self.temperature, self.chunk_size, self.dtype = temperature, chunk_size, dtype
+
+    def forward(self, zs, zt, work, idx):
+        lse_n1 = _softmax(zs, work[0])
+        return (zs.gather(-1, self.tokens_R1[idx]) - lse_n1).clamp(min=LOG_FLOOR).squeeze(-1), lse_n1
+
+    def backward(self, zs, zt, work, idx, aux, go_n):
+        (lse_n1,) = aux
+        G = zs.sub_(lse_n1).exp_().mul_(-go_n[:, None])
+        return G.scatter_add_(-1, self.tokens_R1[idx], go_n[:, None])
 
 
 def token_logprobs(
@@ -65,20 +203,201 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Log-probability of given tokens: `logp_BT[b, t] = log_softmax(z_bt / τ)[tokens_BT[b, t]]`.
+    """Log-probability of given tokens: `logp_BT[b, t] = log_softmax(z_bt / τ)[tokens_BT[b, t]]`, floored at LOG_FLOOR.
 
-    `x_BTX` are logits `(B, T, V)`, or hidden states `(B, T, H)` when `head` maps them to logits. Computed in fp32
-    per chunk of `chunk_size` tokens; masked positions are skipped and return 0. Differentiable in `x_BTX` and in
-    the head's parameters.
+    `x_BTX` are logits `(B, T, V)`, or hidden states `(B, T, H)` when `head` (an `nn.Linear`) maps them to logits.
+    Computed per chunk of `chunk_size` rows; masked positions are skipped and return 0. Differentiable in `x_BTX`
+    and in the head's weight and bias, with the analytic gradient `∂ logp / ∂z = onehot(token) − softmax(z)`.
     """
     if mask_BT is None:
         mask_BT = torch.ones_like(tokens_BT, dtype=torch.bool)
+    dtype = _compute_dtype(x_BTX, None if head is None else head.weight)
+    rule = _TokenLogprob(tokens_BT.reshape(-1), temperature, chunk_size, dtype)
+    return _apply(rule, mask_BT.bool(), x_BTX, head)
 
-    def fn(x, tok):
-        logits = _scaled_logits(x, head, temperature)
-        return (logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1),)
 
-    return _chunked_rows(fn, [x_BTX, tokens_BT], mask_BT.bool(), chunk_size)[0]
+# ---------------------------------------------------------------------------------------------------------------------
+# Generalized JSD.
+
+
+def _divergence_from_logprobs(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD_β over the last dimension of two floored log-distributions (see the module docstring).
+
+    Plain out-of-place ops, used with autograd on the small top-k supports; `_FullJSD` is the in-place version.
+    """
+    if beta == 0.0:
+        return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    if beta == 1.0:
+        return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+    logp_m = torch.logaddexp(logp_s + math.log1p(-beta), logp_t + math.log(beta))
+    kl_t_m = (logp_t.exp() * (logp_t - logp_m)).sum(-1)
+    kl_s_m = (logp_s.exp() * (logp_s - logp_m)).sum(-1)
+    return beta * kl_t_m + (1 - beta) * kl_s_m
+
+
+class _FullJSD:
+    """JSD_β over the whole vocabulary, in place on `(n, V)` buffers.
+
+    Gradient with respect to the student's scaled logits z (S = softmax(z)), per row:
+      β=0: ∂KL(T‖S)/∂z = S − T
+      β=1: ∂KL(S‖T)/∂z = S ⊙ (log S − log T − KL(S‖T))
+      else: ∂JSD_β/∂z = (1−β) · S ⊙ (log S − log M − KL(S‖M))
+    (∂JSD_β/∂S_v = (1−β) log(S_v / M_v): the terms from M's dependence on S cancel; then the softmax Jacobian
+    diag(S) − S Sᵀ.) The same formulas as TRL's `trl/kernels/chunked_divergence.py` backward.
+    """
+
+    forward_buffers, backward_buffers, student_in_backward, teacher_in_backward = 4, 2, True, True
+
+    def __init__(self, beta, temperature, chunk_size, dtype):
+        self.beta, self.temperature, self.chunk_size, self.dtype = beta, temperature, chunk_size, dtype
+
+    def forward(self, zs, zt, work, idx):
+        P, M = work
+        lse_s, lse_t = _softmax(zs, P), _softmax(zt, M)
+        zs.sub_(lse_s).clamp_(min=LOG_FLOOR)  # log S, and P = S
+        zt.sub_(lse_t).clamp_(min=LOG_FLOOR)  # log T, and M = T
+        beta = self.beta
+        if beta == 0.0:
+            kl = _rowdot_(M, zt.sub_(zs))
+            return kl, lse_s, lse_t, kl
+        if beta == 1.0:
+            kl = _rowdot_(P, zs.sub_(zt))
+            return kl, lse_s, lse_t, kl
+        # log M − log(1−β) = logaddexp(log S, log T + log β − log(1−β)): needs no buffer for log S + log(1−β)
+        shift = math.log1p(-beta)
+        torch.logaddexp(zs, torch.add(zt, math.log(beta) - shift, out=M), out=M)
+        kl_s_m = _rowdot_(P, zs.sub_(M).sub_(shift))
+        kl_t_m = _rowdot_(torch.exp(zt, out=P), zt.sub_(M).sub_(shift))  # P ← T again: M now holds log M
+        return beta * kl_t_m + (1 - beta) * kl_s_m, lse_s, lse_t, kl_s_m
+
+    def backward(self, zs, zt, work, idx, aux, go_n):
+        lse_s, lse_t, kl_n = aux
+        zs.sub_(lse_s).clamp_(min=LOG_FLOOR)  # log S
+        zt.sub_(lse_t).clamp_(min=LOG_FLOOR)  # log T
+        beta = self.beta
+        if beta == 0.0:
+            G = zs.exp_().sub_(zt.exp_())
+        elif beta == 1.0:
+            torch.sub(zs, zt, out=zt).sub_(kl_n[:, None])
+            G = zs.exp_().mul_(zt)
+        else:
+            shift = math.log1p(-beta)  # as in forward: zt ← log M − log(1−β)
+            torch.logaddexp(zs, zt.add_(math.log(beta) - shift), out=zt)
+            torch.sub(zs, zt, out=zt).sub_(kl_n[:, None] + shift)  # log S − log M − KL(S‖M)
+            G = zs.exp_().mul_(zt).mul_(1 - beta)
+        return G.mul_(go_n[:, None])
+
+
+class _TopkJSD:
+    """JSD_β on a top-k support of `k` tokens per row, renormalised over it or with a tail bucket.
+
+    Buckets: the K support tokens, plus with `add_tail` one bucket holding the rest, `q_tail = Σ_{v∉K} p_v`. The tail
+    is summed directly from the softmax rather than taken as `1 − Σ_K p_v` (SDPO's `add_tail_bucket`): in fp32 the
+    latter loses all precision once the support holds almost all the mass, which is the usual case for k ≈ 100.
+
+    The forward keeps the support, the student's log-normaliser and both models' bucket log-probs, so the teacher is
+    never recomputed. The backward gets g = ∂D/∂log q_s from autograd on the small `(n, K[+1])` tensors; then, with
+    ∂log p_k/∂z_v = [v=k] − S_v and ∂log q_tail/∂z_v = [v∉K]·S_v/q_tail − S_v:
+      ∂D/∂z_v = g_v − S_v·Σg                       for v in the support,
+      ∂D/∂z_v = (S_v/q_tail)·(g_tail − q_tail·Σg)  outside it (with a tail).
+    Without a tail Σg = 0 (the renormalisation is shift-invariant), so ∂D/∂z is g on the support and 0 elsewhere: a
+    sparse gradient that needs no logits, and so no matmul, in the backward pass.
+    """
+
+    forward_buffers, teacher_in_backward = 3, False  # zs, zt, softmax
+
+    def __init__(self, beta, k, support, add_tail, vocab_size, temperature, chunk_size, dtype):
+        self.beta, self.k, self.support, self.add_tail, self.V = beta, k, support, add_tail, vocab_size
+        self.temperature, self.chunk_size, self.dtype = temperature, chunk_size, dtype
+        self.student_in_backward = add_tail
+        self.backward_buffers = 1 if add_tail else 0
+
+    def buckets(self, z, lse_n1, softmax, top_nK):
+        """Bucket log-probs `(n, K[+1])` of one model (`softmax` is overwritten)."""
+        logp_nK = (z.gather(-1, top_nK) - lse_n1).clamp(min=LOG_FLOOR)
+        if not self.add_tail:
+            return logp_nK
+        tail_n1 = softmax.scatter_(-1, top_nK, 0.0).sum(-1, keepdim=True)
+        return torch.cat([logp_nK, tail_n1.log().clamp(min=LOG_FLOOR)], dim=-1)
+
+    def divergence(self, logq_s, logq_t):
+        if self.add_tail:
+            return _divergence_from_logprobs(logq_s, logq_t, self.beta)
+        return _divergence_from_logprobs(logq_s.log_softmax(-1), logq_t.log_softmax(-1), self.beta)
+
+    def forward(self, zs, zt, work, idx):
+        (P,) = work
+        top_nK = (zs if self.support == "student" else zt).topk(self.k, dim=-1).indices
+        lse_s = _softmax(zs, P)
+        logq_s = self.buckets(zs, lse_s, P, top_nK)
+        logq_t = self.buckets(zt, _softmax(zt, P), P, top_nK)
+        return self.divergence(logq_s, logq_t), top_nK, lse_s, logq_s, logq_t
+
+    def backward(self, zs, zt, work, idx, aux, go_n):
+        top_nK, lse_s, logq_s, logq_t = aux
+        with torch.enable_grad():
+            logq_s = logq_s.detach().requires_grad_()
+            (g,) = torch.autograd.grad(self.divergence(logq_s, logq_t), logq_s, go_n)
+        if not self.add_tail:
+            rows_nK = torch.arange(len(g), device=g.device)[:, None].expand_as(top_nK)
+            indices = torch.stack([rows_nK.reshape(-1), top_nK.reshape(-1)])
+            return torch.sparse_coo_tensor(indices, g.reshape(-1), (len(g), self.V), check_invariants=False)
+        S = zs.sub_(lse_s).exp_()
+        sum_g = g.sum(-1, keepdim=True)
+        S_K = S.gather(-1, top_nK)
+        # S/q_tail ≤ 1 outside the support; q_tail = 0 only when every S_v there is 0 (the clamp keeps 0/0 away)
+        q_tail = logq_s[:, -1:].detach().exp().clamp(min=torch.finfo(S.dtype).tiny)
+        G = S.div_(q_tail).mul_(g[:, -1:] - q_tail * sum_g)
+        return G.scatter_(-1, top_nK, g[:, :-1] - S_K * sum_g)  # the support's entries overwritten (may be inf above)
+
+
+def jsd(
+    student_BTX: torch.Tensor,
+    teacher_BTX: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    student_head: Head | None = None,
+    teacher_head: Head | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    support: str = "student",
+    add_tail: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Per-token generalized JSD_β between the student S and teacher T, `(B, T)`, zero at masked positions.
+
+    β=0 is forward KL(T‖S), β=1 is reverse KL(S‖T), otherwise M = β·T + (1−β)·S and
+    JSD_β = β·KL(T‖M) + (1−β)·KL(S‖M) (GKD, Agarwal et al. 2024; TRL DistillationTrainer's `beta`, SDPO's
+    `distillation_alpha`).
+
+    - Full vocabulary when `top_k` is None.
+    - Top-k: the support is the k most likely tokens of the `support` model ("student" or "teacher"); both
+      distributions are restricted to it and either renormalised over it, or, with `add_tail`, extended by one
+      bucket holding the remaining mass `1 − Σ_k p` (the SDPO paper code's tail; lasgroup/SDPO). `k ≥ V` is the
+      full vocabulary, where the tail is empty and is dropped.
+
+    Inputs are logits `(B, T, V)` or hidden states with a head (see `token_logprobs`); student and teacher may differ
+    in that respect and in hidden size. The teacher is detached: the gradient flows into the student (and its head)
+    only, computed analytically (see `_FullJSD`, `_TopkJSD`).
+    """
+    if support not in ("student", "teacher"):
+        raise ValueError(f"support must be 'student' or 'teacher', got {support!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    ws = None if student_head is None else student_head.weight
+    wt = None if teacher_head is None else teacher_head.weight
+    dtype = _compute_dtype(student_BTX, teacher_BTX, ws, wt)
+    V = student_BTX.shape[-1] if ws is None else ws.shape[0]
+    if top_k is None or top_k >= V:
+        rule = _FullJSD(beta, temperature, chunk_size, dtype)
+    else:
+        rule = _TopkJSD(beta, top_k, support, add_tail, V, temperature, chunk_size, dtype)
+    return _apply(rule, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampled-token advantage and importance weights.
 
 
 def reverse_kl_advantage(
@@ -102,81 +421,6 @@ def reverse_kl_advantage(
         running_B = a_BT[:, t] + gamma * running_B
         out_BT[:, t] = running_B
     return out_BT * mask
-
-
-def _divergence_from_logprobs(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float) -> torch.Tensor:
-    """Generalized JSD_β over the last dimension of two log-distributions (see the module docstring).
-
-    Zero-probability entries (−inf log-probs, e.g. top-k filtered logits) contribute exactly 0 and no NaN
-    gradient: the `p · log p` products use a log-prob clamped to a finite value where p = 0.
-    """
-    p_s, p_t = logp_s.exp(), logp_t.exp()
-    finite_s = torch.where(p_s > 0, logp_s, torch.zeros_like(logp_s))
-    finite_t = torch.where(p_t > 0, logp_t, torch.zeros_like(logp_t))
-    if beta == 0.0:  # forward KL(T‖S); where T has mass, S must too (else +inf, as it should be)
-        return (p_t * (finite_t - torch.where(p_t > 0, logp_s, torch.zeros_like(logp_s)))).sum(-1)
-    if beta == 1.0:  # reverse KL(S‖T)
-        return (p_s * (finite_s - torch.where(p_s > 0, logp_t, torch.zeros_like(logp_t)))).sum(-1)
-    logp_m = torch.logaddexp(logp_s + math.log1p(-beta), logp_t + math.log(beta))
-    finite_m = torch.where(logp_m > float("-inf"), logp_m, torch.zeros_like(logp_m))
-    kl_t_m = (p_t * (finite_t - finite_m)).sum(-1)
-    kl_s_m = (p_s * (finite_s - finite_m)).sum(-1)
-    return beta * kl_t_m + (1 - beta) * kl_s_m
-
-
-def _append_tail(logp_K: torch.Tensor) -> torch.Tensor:
-    """Add one bucket with the mass outside the support: `log(1 − Σ_k p_k)`, so the K+1 entries sum to 1."""
-    captured = logp_K.logsumexp(-1, keepdim=True).clamp(max=-1e-7)  # clamp: keep log(1 − 1) finite
-    return torch.cat([logp_K, torch.log(-torch.expm1(captured))], dim=-1)
-
-
-def jsd(
-    student_BTX: torch.Tensor,
-    teacher_BTX: torch.Tensor,
-    mask_BT: torch.Tensor,
-    *,
-    beta: float = 0.5,
-    student_head: Head | None = None,
-    teacher_head: Head | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    support: str = "student",
-    add_tail: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
-    """Per-token generalized JSD_β between the student S and teacher T, `(B, T)`, zero at masked positions.
-
-    β=0 is forward KL(T‖S), β=1 is reverse KL(S‖T), otherwise M = β·T + (1−β)·S and
-    JSD_β = β·KL(T‖M) + (1−β)·KL(S‖M) (GKD, Agarwal et al. 2024; TRL DistillationTrainer's `beta`).
-
-    - Full vocabulary when `top_k` is None.
-    - Top-k: the support is the k most likely tokens of the `support` model ("student" or "teacher"); both
-      distributions are restricted to it and either renormalised over it, or, with `add_tail`, extended by one
-      bucket holding the remaining mass `1 − Σ_k p` (the SDPO paper code's tail; lasgroup/SDPO). `k ≥ V` is the
-      full vocabulary, where the tail is empty and is dropped.
-
-    Inputs are logits `(B, T, V)` or hidden states with a head (see `token_logprobs`). The teacher is detached:
-    the gradient flows into the student only.
-    """
-    if support not in ("student", "teacher"):
-        raise ValueError(f"support must be 'student' or 'teacher', got {support!r}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-
-    def fn(xs, xt):
-        logp_s = _scaled_logits(xs, student_head, temperature).log_softmax(-1)
-        with torch.no_grad():
-            logp_t = _scaled_logits(xt, teacher_head, temperature).log_softmax(-1)
-        if top_k is not None and top_k < logp_s.shape[-1]:
-            idx = (logp_s if support == "student" else logp_t).detach().topk(top_k, dim=-1).indices
-            logp_s, logp_t = logp_s.gather(-1, idx), logp_t.gather(-1, idx)
-            if add_tail:
-                logp_s, logp_t = _append_tail(logp_s), _append_tail(logp_t)
-            else:
-                logp_s, logp_t = logp_s.log_softmax(-1), logp_t.log_softmax(-1)
-        return (_divergence_from_logprobs(logp_s, logp_t, beta),)
-
-    return _chunked_rows(fn, [student_BTX, teacher_BTX.detach()], mask_BT.bool(), chunk_size)[0]
 
 
 def importance_weights(logp_now_BT: torch.Tensor, logp_sampled_BT: torch.Tensor, clip: float) -> torch.Tensor:
