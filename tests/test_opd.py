@@ -252,7 +252,7 @@ def test_advantages_follow_the_formula(tmp_path, student_dir, teacher_dir, gamma
 
 
 def tokenizer_trained_on(text: list[str]) -> PreTrainedTokenizerFast:
-    """Like the fixture's tokenizer (same special tokens and byte alphabet), but with merges learned from `text`."""
+    """A byte-level BPE tokenizer with the fixture's special tokens and alphabet, but merges learned from `text`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(

@@ -1,0 +1,160 @@
+"""On-policy distillation step time and peak memory: selfdistill's OnPolicyDistillTrainer against TRL's
+DistillationTrainer, on the same student, teacher, prompts and generation settings, in one process.
+
+    python benchmarks/opd_vs_trl.py                      # tiny and medium, about 5-10 minutes on 2 CPU cores
+    python benchmarks/opd_vs_trl.py --sizes tiny         # the test fixtures' models only, under a minute
+    python benchmarks/opd_vs_trl.py --sizes medium --profile   # also cProfile both trainers
+
+What runs. Both trainers sample completions from the student with HF `generate` (temperature 1, no top-k/top-p, the
+same `max_completion_length`), score every completion token against the teacher and take one optimizer step per
+generation batch of 16 completions:
+- ours: GRPO's loss with per-token advantages −(logp_S − logp_T) on the sampled tokens (pure distillation: no
+  rewards; 4 prompts × 4 generations);
+- TRL: `DistillationTrainer` with beta=1 (reverse KL(S‖T) over the full vocabulary, chunked), 16 prompts × 1.
+  TRL 1.16's DistillationTrainer always trains on the student's own generations (there is no `lmbda` any more).
+Both in fp32 without gradient checkpointing (TRL's defaults turn both bf16 autocast and checkpointing on; here both are
+off for both trainers, as in the tests), with the same seed, learning rate and AdamW.
+
+How it is measured.
+- Step time: wall and CPU time (all threads) from `on_step_begin` to `on_step_end` (generation, scoring, forward,
+  backward, optimizer); the median over the steps after the first (warm-up), and the CPU minimum, which other jobs on
+  a shared machine disturb least. The trainers run in rounds, alternating which goes first, so that such load hits
+  both alike; the statistics are over all rounds.
+- Peak RSS: a thread samples /proc/self/statm every 2 ms while a trainer is built and trained; reported is the peak
+  minus the RSS just before (after `gc.collect()` and `malloc_trim(0)`), the largest over rounds. A discarded first
+  run of each trainer pays the process's one-time costs, so they land on neither.
+- Sizes (student / teacher; vocabulary 400, the tests' tokenizer):
+  tiny:   hidden 64, 2 layers (0.1M) / hidden 96, 3 layers (0.3M) — the test fixtures;
+  medium: hidden 512, 8 layers (21M) / hidden 768, 8 layers (48M).
+"""
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from _measure import PeakRSS, StepTimes, release_memory  # noqa: E402
+from _opd_distributed import prompts_dataset  # noqa: E402  (the tests' prompts)
+from conftest import build_model, build_tokenizer  # noqa: E402  (also switches the hub off)
+from trl import DistillationConfig, DistillationTrainer  # noqa: E402
+
+from selfdistill.trainers import OnPolicyDistillConfig, OnPolicyDistillTrainer  # noqa: E402
+
+# name: (student hidden, layers), (teacher hidden, layers), completion length, rollouts per step, steps per round
+SIZES = {
+    "tiny": ((64, 2), (96, 3), 16, 16, 8),
+    "medium": ((512, 8), (768, 8), 32, 16, 4),
+}
+NUM_GENERATIONS = 4
+# Functions a step is made of, in both trainers (a regular expression for pstats).
+PROFILED = (
+    r"\(training_step|\(_prepare_inputs|\(generate\)|\(_generate_and_score_completions|\(score|\(compute_loss|"
+    r"\(_compute_loss|\(_get_per_token_logps_and_entropies|\(_get_last_hidden_state|\(backward|\(step\)|"
+    r"\(completion_hidden_states|\(token_logprobs|\(_chunked_divergence_loss|\(_calculate_rewards"
+)
+COMMON = dict(
+    learning_rate=1e-5,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    bf16=False,
+    gradient_checkpointing=False,
+    use_cpu=True,
+    report_to="none",
+    save_strategy="no",
+    logging_strategy="no",  # nothing to print; the step times come from a callback
+    disable_tqdm=True,
+)
+
+
+def save_models(size: str, root: Path) -> tuple[str, str]:
+    (s_hidden, s_layers), (t_hidden, t_layers), *_ = SIZES[size]
+    tokenizer = build_tokenizer()
+    paths = []
+    for name, hidden, layers, seed in [("student", s_hidden, s_layers, 0), ("teacher", t_hidden, t_layers, 1)]:
+        path = root / f"{size}-{name}"
+        build_model(tokenizer, hidden, layers, seed).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def build(kind: str, student: str, teacher: str, size: str, out: Path):
+    *_, length, rollouts, steps = SIZES[size]
+    common = dict(COMMON, output_dir=str(out / kind), max_completion_length=length, max_steps=steps)
+    if kind == "ours":
+        args = OnPolicyDistillConfig(per_device_train_batch_size=rollouts, num_generations=NUM_GENERATIONS, **common)
+        return OnPolicyDistillTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts_dataset(256))
+    args = DistillationConfig(per_device_train_batch_size=rollouts, beta=1.0, **common)
+    return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts_dataset(256))
+
+
+def run_once(kind, student, teacher, size, out, profile=False):
+    """Build and train one trainer; return its StepTimes and its peak RSS increase in MiB."""
+    release_memory()
+    times = StepTimes()
+    with PeakRSS() as peak:
+        trainer = build(kind, student, teacher, size, out)
+        trainer.add_callback(times)
+        profiler = cProfile.Profile() if profile else None
+        if profiler:
+            profiler.enable()
+        trainer.train()
+        if profiler:
+            profiler.disable()
+            print(f"\n### cProfile, {kind}, {size}: the parts of a step, by cumulative time")
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(PROFILED)
+    del trainer
+    release_memory()
+    return times, peak.increase_mib
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "medium"], choices=list(SIZES))
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per size; the order alternates each round")
+    parser.add_argument("--profile", action="store_true", help="cProfile both trainers in the last round")
+    cli = parser.parse_args()
+
+    rows = []  # (size, kind, median wall s, median CPU s, min CPU s, peak MiB)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for i, size in enumerate(cli.sizes):
+            student, teacher = save_models(size, tmp)
+            if i == 0:  # discarded: pays the one-time costs (lazy imports, thread pools) that would land on one trainer
+                for kind in ("ours", "trl"):
+                    run_once(kind, student, teacher, size, tmp)
+            wall, cpu, mib = {"ours": [], "trl": []}, {"ours": [], "trl": []}, {"ours": [], "trl": []}
+            for round_ in range(cli.rounds):
+                for kind in ["ours", "trl"] if round_ % 2 == 0 else ["trl", "ours"]:
+                    profile = cli.profile and round_ == cli.rounds - 1
+                    times, peak = run_once(kind, student, teacher, size, tmp, profile)
+                    wall[kind] += times.wall[1:]  # the first step of each run is warm-up
+                    cpu[kind] += times.cpu[1:]
+                    mib[kind].append(peak)
+                    print(f"{size} round {round_} {kind}: wall {[round(s, 2) for s in times.wall]} s, "
+                          f"cpu {[round(s, 2) for s in times.cpu]} s, +{peak:.0f} MiB", flush=True)
+            for kind in ("ours", "trl"):
+                stats = statistics.median(wall[kind]), statistics.median(cpu[kind]), min(cpu[kind]), max(mib[kind])
+                rows.append((size, kind, *stats))
+
+    print("\n| size | trainer | median step s (wall) | median step s (CPU) | min step s (CPU) | peak RSS MiB "
+          "| ours/TRL: median wall, median CPU, min CPU, RSS |")
+    print("|---|---|---|---|---|---|---|")
+    trl = {size: stats for size, kind, *stats in rows if kind == "trl"}
+    for size, kind, *stats in rows:
+        name = "OnPolicyDistillTrainer" if kind == "ours" else "trl.DistillationTrainer (beta=1)"
+        ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(stats, trl[size])) if kind == "ours" else ""
+        w, c, c_min, m = stats
+        print(f"| {size} | {name} | {w:.3f} | {c:.3f} | {c_min:.3f} | {m:.0f} | {ratios} |")
+
+
+if __name__ == "__main__":
+    main()
