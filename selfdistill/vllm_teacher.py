@@ -1,7 +1,12 @@
-"""A teacher served by vLLM (`vllm serve MODEL` or `trl vllm-serve --model MODEL`), over its OpenAI-compatible API.
+"""Teachers scored by vLLM from prompt log-probs: the student's **exact token ids** (prompt + completion, no
+re-tokenisation) go in with `max_tokens=1` and `prompt_logprobs=k`, and the log-prob of each completion token comes
+back.
 
-The trainer sends the student's **exact token ids** (prompt + completion, no re-tokenisation) to `/v1/completions`
-with `max_tokens=1` and `prompt_logprobs=k`, and reads back the log-prob the teacher gives each completion token.
+- `VLLMServerTeacher`: a teacher served by vLLM (`python -m vllm.entrypoints.openai.api_server --model MODEL`, or
+  `trl vllm-serve --model MODEL`), over its OpenAI-compatible `/v1/completions`.
+- `VLLMEngineTeacher`: an in-process `vllm.LLM`, e.g. the trainer's colocated generation engine, which already holds
+  the current weights after TRL's sync: the live self-teacher without an HF forward pass.
+- `generation_engine_teacher(trainer.vllm_generation, ...)`: whichever of the two scores on the trainer's own vLLM.
 
 Temperature. vLLM (checked on 0.32: `_get_prompt_logprobs_dict` in `vllm/v1/worker/gpu_model_runner.py`) computes
 prompt log-probs from the raw logits and ignores the request's temperature, so the server always returns the τ=1
@@ -10,7 +15,7 @@ distribution. At the sampling temperature τ ≠ 1 we rescale on the client:
 support (the top-`TEMPERATURE_SUPPORT` plus the sampled token), and the tail's τ=1 mass `r = 1 − Σ_K e^{l_v}` spread
 evenly over its `n = V − |K|` tokens. It is exact at τ = 1 and for an even tail; an uneven tail makes the true
 normaliser larger for τ < 1 and smaller for τ > 1, by at most the tail's share, which a top-20 support keeps small
-for peaked language-model distributions.
+for peaked language-model distributions. `tempered_logprob` does this for both teachers.
 """
 
 import math
@@ -22,6 +27,52 @@ import torch
 from .teachers import TeacherScores
 
 TEMPERATURE_SUPPORT = 20
+
+
+def prompt_logprobs_k(temperature: float) -> int:
+    """How many top log-probs to ask for per position: the rescaling at τ ≠ 1 needs a support; τ = 1 uses only the
+    scored token's own log-prob, which vLLM returns besides the top k."""
+    return 1 if temperature == 1.0 else TEMPERATURE_SUPPORT
+
+
+def tempered_logprob(entry: dict[int, float] | None, token: int, temperature: float, vocab_size: int) -> float:
+    """`log p_τ(token)` from one position's τ=1 log-probs `{token id: log-prob}` (see the module docstring); NaN when
+    the position or the token is missing. Plain float math: it runs once per scored token, on ~21 numbers."""
+    if not entry or token not in entry:
+        return math.nan
+    actual = entry[token]
+    if temperature == 1.0:
+        return actual
+    support = list(entry.values())
+    support_mass = math.fsum(math.exp(v) for v in support)
+    tail_mass = math.log1p(-support_mass) if support_mass < 1.0 else -math.inf  # log r, r = 1 − Σ_K p
+    n_tail = math.log(max(vocab_size - len(support), 1))
+    terms = [v / temperature for v in support] + [n_tail + (tail_mass - n_tail) / temperature]
+    top = max(terms)
+    normaliser = top + math.log(math.fsum(math.exp(v - top) for v in terms))
+    return actual / temperature - normaliser
+
+
+def scores_from_prompt_logprobs(positions_B: list[list[dict[int, float] | None]], completions: list[list[int]],
+                                completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
+                                vocab_size: int, source: str) -> TeacherScores:
+    """`TeacherScores` from each row's prompt log-probs at its completion positions: `positions_B[b][t]` holds the
+    τ=1 log-probs `{token id: log-prob}` returned where completion token t of row b was scored (None, or missing at
+    the end, when not returned). Raises a RuntimeError naming `source` rather than train on a missing score."""
+    logp_BT = torch.zeros(completion_ids.shape, dtype=torch.float32)
+    for b, (positions, completion) in enumerate(zip(positions_B, completions, strict=True)):
+        for t, token in enumerate(completion):
+            entry = positions[t] if t < len(positions) else None
+            logp_BT[b, t] = tempered_logprob(entry, token, temperature, vocab_size)
+    if not torch.isfinite(logp_BT[completion_mask.bool().cpu()]).all():
+        raise RuntimeError(f"{source} returned no finite log-prob for some completion tokens; refusing to train on "
+                           "missing teacher scores.")
+    return TeacherScores(logp_BT.to(completion_ids.device))
+
+
+def unpadded(ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> list[list[int]]:
+    """Each row's token ids where its mask is 1 (drops the left padding of prompts and right padding of completions)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(ids_BL, mask_BL)]
 
 
 class VLLMServerTeacher:
@@ -97,34 +148,65 @@ class VLLMServerTeacher:
 
     @torch.no_grad()
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
-        completions = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
-        k = 1 if self.temperature == 1.0 else TEMPERATURE_SUPPORT
+        prompts, completions = unpadded(prompt_ids, prompt_mask), unpadded(completion_ids, completion_mask)
         payload = {"model": self.model, "prompt": [p + c for p, c in zip(prompts, completions)], "max_tokens": 1,
-                   "temperature": 1.0, "prompt_logprobs": k}
+                   "temperature": 1.0, "prompt_logprobs": prompt_logprobs_k(self.temperature)}
         choices = self._request("post", "/v1/completions", payload)["choices"]
-        logp_BT = torch.zeros(completion_ids.shape, dtype=torch.float32)
-        for b, (choice, prompt, completion) in enumerate(zip(choices, prompts, completions, strict=True)):
-            positions = choice.get("prompt_logprobs") or []
-            for t, token in enumerate(completion):
-                entry = positions[len(prompt) + t] if len(prompt) + t < len(positions) else None
-                logp_BT[b, t] = self._tempered(entry, token)
-        values = logp_BT[completion_mask.bool().cpu()]
-        if not torch.isfinite(values).all():
-            raise RuntimeError(f"The vLLM teacher at {self.base_url} returned no finite log-prob for some completion "
-                               "tokens; refusing to train on missing teacher scores.")
-        return TeacherScores(logp_BT.to(completion_ids.device))
+        positions_B = [
+            [None if pos is None else {int(k): v["logprob"] for k, v in pos.items()}
+             for pos in (choice.get("prompt_logprobs") or [])[len(prompt):]]
+            for choice, prompt in zip(choices, prompts, strict=True)
+        ]
+        return scores_from_prompt_logprobs(positions_B, completions, completion_ids, completion_mask, self.temperature,
+                                           self.vocab_size, f"The vLLM teacher at {self.base_url}")
 
-    def _tempered(self, entry: dict | None, token: int) -> float:
-        """`log p_τ(token)` from one position's returned τ=1 log-probs (see the module docstring)."""
-        if not entry or str(token) not in entry:
-            return math.nan
-        actual = entry[str(token)]["logprob"]
-        if self.temperature == 1.0:
-            return actual
-        support = torch.tensor([v["logprob"] for v in entry.values()], dtype=torch.float64)
-        tail_mass = (-torch.logsumexp(support, 0).exp().clamp(max=1.0)).log1p()  # log r, r = 1 − Σ_K p
-        n_tail = math.log(max(self.vocab_size - len(support), 1))
-        tail = n_tail + (tail_mass - n_tail) / self.temperature
-        normaliser = torch.logsumexp(torch.cat([support / self.temperature, tail.reshape(1)]), 0)
-        return actual / self.temperature - normaliser.item()
+
+class VLLMEngineTeacher:
+    """Teacher log-probs of completion tokens from an in-process `vllm.LLM` (its prompt log-probs).
+
+    Given the trainer's colocated generation engine (`trainer.vllm_generation.llm`) this is the live self-teacher:
+    TRL syncs the training weights into the engine right before it generates, and the trainer scores the teacher
+    contexts right after that generation in the same step, so the engine holds exactly the weights that sampled the
+    rollouts. The engine runs in its own dtype (bf16 for fp32 checkpoints on vLLM's CPU backend), so its log-probs
+    differ from an fp32 HF forward by that rounding.
+    """
+
+    def __init__(self, llm, temperature: float):
+        self.llm, self.temperature = llm, temperature
+        self.vocab_size = llm.llm_engine.model_config.get_vocab_size()  # the logits' width, padding rows excluded
+
+    @torch.no_grad()
+    def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
+        from vllm import SamplingParams
+
+        prompts, completions = unpadded(prompt_ids, prompt_mask), unpadded(completion_ids, completion_mask)
+        # detokenize=False: vLLM would otherwise decode every returned top-k token of every position, which costs
+        # more than the forward pass for small models (measured with benchmarks/vllm_vs_hf.py).
+        params = SamplingParams(max_tokens=1, prompt_logprobs=prompt_logprobs_k(self.temperature), detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p + c} for p, c in zip(prompts, completions)], params,
+                                    use_tqdm=False)
+        positions_B = [
+            [None if pos is None else {token: lp.logprob for token, lp in pos.items()}
+             for pos in out.prompt_logprobs[len(prompt):]]
+            for out, prompt in zip(outputs, prompts, strict=True)
+        ]
+        return scores_from_prompt_logprobs(positions_B, completions, completion_ids, completion_mask, self.temperature,
+                                           self.vocab_size, "The vLLM engine")
+
+
+def generation_engine_teacher(generation, tokenizer, temperature: float):
+    """The teacher that scores on a GRPOTrainer's own vLLM (`trainer.vllm_generation`), which holds the current
+    weights: its colocated engine, or the server it generates with.
+
+    Raises a ValueError for colocated set-ups where the engine does not simply hold the weights for this rank's rows:
+    tensor parallelism (every rank of a group would have to send the group's rows together) and sleep mode (the
+    weights are discarded after each generation).
+    """
+    if generation.mode == "server":
+        url = generation.server_base_url or f"http://{generation.server_host}:{generation.server_port}"
+        return VLLMServerTeacher(url, tokenizer, temperature, timeout=generation.server_timeout)
+    if generation.tensor_parallel_size > 1 or generation.enable_sleep_mode:
+        raise ValueError("The live teacher cannot score on the colocated vLLM engine with "
+                         "vllm_tensor_parallel_size > 1 or vllm_enable_sleep_mode; set teacher_on_vllm=False to score "
+                         "it with the HF model.")
+    return VLLMEngineTeacher(generation.llm, temperature)

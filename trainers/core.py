@@ -18,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..losses import importance_weights, jsd, masked_mean, reverse_kl_advantage, token_logprobs
 from ..teachers import causal_lm_parts
-from ..vllm_sync import fix_vllm_cpu_weight_sync
+from ..vllm_sync import cpu_server_generation, fix_vllm_cpu_weight_sync
 
 
 @dataclass
@@ -84,7 +84,8 @@ class DenseDistillTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        with cpu_server_generation(self, kwargs["args"]):  # vLLM server mode with a CPU trainer
+            super().__init__(*args, **kwargs)
         fix_vllm_cpu_weight_sync(self)  # colocated vLLM on CPU only; see selfdistill/vllm_sync.py
 
     def _teacher_prompts(self, inputs: list[dict], batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from trl.trainer.utils import pad
 from ..context import SOURCES, Templates, teacher_prompts
 from ..rewards import FEEDBACK_KEY
 from ..teachers import SelfTeacher
+from ..vllm_teacher import generation_engine_teacher
 from .core import DenseDistillTrainer, DistillConfig, no_reward
 
 PRESETS = {
@@ -63,6 +64,15 @@ class SelfDistillConfig(DistillConfig):
     )
     success_threshold: float | None = field(
         default=None, metadata={"help": "A sibling whose total reward is at least this is shown as a solution."}
+    )
+    teacher_on_vllm: bool = field(
+        default=True,
+        metadata={"help": "With use_vllm and teacher='live', score the teacher contexts on the vLLM that "
+                          "generates (colocated engine or server): it holds the current weights, synced right before "
+                          "generation, so this saves the teacher's HF forward. Its max_model_len "
+                          "(vllm_max_model_length) must fit the teacher contexts. Sampled-token term only: with the "
+                          "logit-level term (distill_loss_weight > 0) the HF model scores, as vLLM returns no hidden "
+                          "states."},
     )
     remove_thinking: bool = field(default=True, metadata={"help": "Strip <think>…</think> from a shown sibling."})
     reprompt_template: str = field(default=Templates.reprompt)
@@ -129,8 +139,16 @@ class SelfDistillTrainer(DenseDistillTrainer):
             raise ValueError("SelfDistillTrainer needs a SelfDistillConfig (args=...).")
         super().__init__(model, reward_funcs=reward_funcs or [no_reward], args=args,
                          **kwargs)
-        self.teacher = SelfTeacher(self.model, args.teacher, args.teacher_update_rate, self.temperature,
-                                   args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight))
+        on_vllm = args.teacher == "live" and args.use_vllm and args.teacher_on_vllm
+        if on_vllm and args.distill_loss_weight:
+            warnings.warn("teacher_on_vllm: the logit-level term (distill_loss_weight > 0) needs the teacher's hidden "
+                          "states, which vLLM does not return, so the live teacher scores with the HF model.")
+        if on_vllm and not args.distill_loss_weight:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            self.teacher = generation_engine_teacher(self.vllm_generation, tokenizer, self.temperature)
+        else:
+            self.teacher = SelfTeacher(self.model, args.teacher, args.teacher_update_rate, self.temperature,
+                                       args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight))
         if args.teacher == "ema":
             self.add_callback(_UpdateTeacher(self.teacher))
 
@@ -192,7 +210,8 @@ class SelfDistillTrainer(DenseDistillTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.teacher.snapshot is not None and self.args.should_save:
+        # A teacher scored by vLLM is live and has no snapshot.
+        if getattr(self.teacher, "snapshot", None) is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             torch.save(self.teacher.snapshot, os.path.join(folder, TEACHER_CHECKPOINT_FILE))
 
