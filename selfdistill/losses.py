@@ -374,8 +374,8 @@ def jsd(
     - Full vocabulary when `top_k` is None.
     - Top-k: the support is the k most likely tokens of the `support` model ("student" or "teacher"); both
       distributions are restricted to it and either renormalised over it, or, with `add_tail`, extended by one
-      bucket holding the remaining mass `1 − Σ_k p` (the SDPO paper code's tail; lasgroup/SDPO). `k ≥ V` is the
-      full vocabulary, where the tail is empty and is dropped.
+      bucket holding the remaining mass `Σ_{v∉K} p_v = 1 − Σ_K p` (the SDPO paper code's tail; lasgroup/SDPO; here
+      summed directly, see `_TopkJSD`). `k ≥ V` is the full vocabulary, where the tail is empty and is dropped.
 
     Inputs are logits `(B, T, V)` or hidden states with a head (see `token_logprobs`); student and teacher may differ
     in that respect and in hidden size. The teacher is detached: the gradient flows into the student (and its head)
