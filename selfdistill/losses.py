@@ -396,6 +396,62 @@ def jsd(
     return _apply(rule, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
 
 
+class _GivenTopkJSD(_TopkJSD):
+    """`_TopkJSD` on a support given with the teacher's log-probs on it (a served teacher's top-k), instead of
+    teacher logits: the teacher's buckets are the given log-probs, and its tail `log(1 − Σ_K p)` (floored)."""
+
+    forward_buffers = 2  # zs, softmax: no teacher logits
+
+    def __init__(self, ids_RK, logp_RK, beta, add_tail, vocab_size, temperature, chunk_size, dtype):
+        super().__init__(beta, ids_RK.shape[-1], "teacher", add_tail, vocab_size, temperature, chunk_size, dtype)
+        self.ids_RK, self.logp_RK = ids_RK, logp_RK.to(dtype).clamp(min=LOG_FLOOR)
+
+    def forward(self, zs, zt, work, idx):
+        (P,) = work
+        top_nK, logq_t = self.ids_RK[idx], self.logp_RK[idx]
+        lse_s = _softmax(zs, P)
+        logq_s = self.buckets(zs, lse_s, P, top_nK)
+        if self.add_tail:
+            tail_n1 = torch.log1p(-logq_t.exp().sum(-1, keepdim=True).clamp(max=1.0)).clamp(min=LOG_FLOOR)
+            logq_t = torch.cat([logq_t, tail_n1], dim=-1)
+        return self.divergence(logq_s, logq_t), top_nK, lse_s, logq_s, logq_t
+
+
+def jsd_on_teacher_topk(
+    student_BTX: torch.Tensor,
+    student_head: Head | None,
+    teacher_ids_BTK: torch.Tensor,
+    teacher_logp_BTK: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    add_tail: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Per-token JSD_β `(B, T)` on the teacher's top-k support when only that support is known: the K token ids
+    `teacher_ids_BTK` and the teacher's log-probs on them `teacher_logp_BTK` (at temperature τ), as a vLLM-served
+    teacher returns them (`prompt_logprobs`).
+
+    The same divergence as `jsd(..., top_k=K, support="teacher")`: both distributions restricted to the K tokens and
+    renormalised, or with `add_tail` extended by the bucket of the remaining mass, for the teacher `1 − Σ_K p_T`
+    (floored at `LOG_FLOOR` in log space; it cannot be summed directly without the teacher's logits). The K ids of
+    a position must be distinct. The student enters as logits or hidden states with `student_head`.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if teacher_ids_BTK.shape != teacher_logp_BTK.shape or teacher_ids_BTK.shape[:2] != mask_BT.shape:
+        raise ValueError(f"teacher ids {tuple(teacher_ids_BTK.shape)} and log-probs {tuple(teacher_logp_BTK.shape)} "
+                         f"must both be (B, T, K) with (B, T) = {tuple(mask_BT.shape)}")
+    ws = None if student_head is None else student_head.weight
+    dtype = _compute_dtype(student_BTX, ws)
+    V = student_BTX.shape[-1] if ws is None else ws.shape[0]
+    K = teacher_ids_BTK.shape[-1]
+    rule = _GivenTopkJSD(teacher_ids_BTK.reshape(-1, K), teacher_logp_BTK.detach().reshape(-1, K), beta, add_tail, V,
+                         temperature, chunk_size, dtype)
+    return _apply(rule, mask_BT.bool(), student_BTX, student_head)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Sampled-token advantage and importance weights.
 

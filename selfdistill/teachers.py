@@ -16,12 +16,23 @@ from .losses import token_logprobs
 
 @dataclass
 class TeacherScores:
-    """Teacher log-probs of the completion tokens, `(B, T)`, zero where masked; and, when asked for, the teacher's
-    last hidden states at the positions that predict them, `(B, T, H)`, for the logit-level term (`head` projects
-    them to logits)."""
+    """Teacher log-probs of the completion tokens, `(B, T)`, zero where masked; and, when asked for, what the
+    logit-level term needs: a local teacher's last hidden states at the positions that predict them, `(B, T, H)`
+    (its `head` projects them to logits), or a served teacher's top-k token ids and log-probs, `(B, T, K)`."""
 
     logp_BT: torch.Tensor
     hidden_BTH: torch.Tensor | None = None
+    topk_ids_BTK: torch.Tensor | None = None
+    topk_logp_BTK: torch.Tensor | None = None
+
+    def logit_inputs(self) -> dict[str, torch.Tensor]:
+        """The batch entries the logit-level term reads (see `DenseDistillTrainer._compute_loss`)."""
+        if self.hidden_BTH is not None:
+            return {"teacher_hidden": self.hidden_BTH}
+        if self.topk_ids_BTK is not None:
+            return {"teacher_topk_ids": self.topk_ids_BTK, "teacher_topk_logps": self.topk_logp_BTK}
+        raise ValueError("The logit-level term needs the teacher's hidden states or its top-k log-probs; this teacher "
+                         "returned neither.")
 
 
 def causal_lm_parts(model):
@@ -41,13 +52,28 @@ def completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, com
 
     Position `P − 1 + t` (P = padded prompt length) predicts completion token t. Prompts are left-padded and
     completions right-padded, the layout GRPOTrainer produces.
+
+    Rows with identical prompts (a group's rollouts: one prompt in on-policy distillation, and in self-distillation
+    the same feedback, solution or demonstration) share one prompt pass: its keys and values are computed once per
+    distinct prompt and copied to each of its rows, then only the completion tokens run. The result equals one
+    forward over `prompt + completion` (position ids are the same `arange` in both), at the cost of the prompt
+    pass divided by the group size.
     """
     backbone, _ = causal_lm_parts(model)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
-    return hidden[:, P - 1 : P - 1 + T]
+    distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(prompt_ids) or T < 2:
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return hidden[:, P - 1 : P - 1 + T]
+    prompts = backbone(input_ids=distinct[:, :P], attention_mask=distinct[:, P:], use_cache=True)
+    cache = prompts.past_key_values
+    cache.reorder_cache(row_of)  # row b gets the keys and values of its prompt
+    rest = backbone(input_ids=completion_ids[:, :-1], attention_mask=torch.cat([prompt_mask, completion_mask[:, :-1]], 1),
+                    past_key_values=cache, use_cache=True).last_hidden_state
+    # The prompt's last position predicts completion token 0; completion token t − 1 predicts token t.
+    return torch.cat([prompts.last_hidden_state[row_of, -1:], rest], dim=1)
 
 
 class ModelTeacher:

@@ -15,7 +15,11 @@ distribution. At the sampling temperature τ ≠ 1 we rescale on the client:
 support (the top-`TEMPERATURE_SUPPORT` plus the sampled token), and the tail's τ=1 mass `r = 1 − Σ_K e^{l_v}` spread
 evenly over its `n = V − |K|` tokens. It is exact at τ = 1 and for an even tail; an uneven tail makes the true
 normaliser larger for τ < 1 and smaller for τ > 1, by at most the tail's share, which a top-20 support keeps small
-for peaked language-model distributions. `tempered_logprob` does this for both teachers.
+for peaked language-model distributions. `tempered` does this for both teachers.
+
+Logit-level term. With `top_k`, the server teacher also returns each position's `top_k` most likely tokens and their
+log-probs at τ (the server must allow that many: vLLM's `--max-logprobs`, default 20), which `losses.jsd_on_teacher_topk`
+turns into the teacher-support top-k JSD.
 """
 
 import math
@@ -29,20 +33,17 @@ from .teachers import TeacherScores
 TEMPERATURE_SUPPORT = 20
 
 
-def prompt_logprobs_k(temperature: float) -> int:
+def prompt_logprobs_k(temperature: float, top_k: int | None = None) -> int:
     """How many top log-probs to ask for per position: the rescaling at τ ≠ 1 needs a support; τ = 1 uses only the
-    scored token's own log-prob, which vLLM returns besides the top k."""
-    return 1 if temperature == 1.0 else TEMPERATURE_SUPPORT
+    scored token's own log-prob, which vLLM returns besides the top k; the logit-level term needs its `top_k`."""
+    return max(1 if temperature == 1.0 else TEMPERATURE_SUPPORT, top_k or 0)
 
 
-def tempered_logprob(entry: dict[int, float] | None, token: int, temperature: float, vocab_size: int) -> float:
-    """`log p_τ(token)` from one position's τ=1 log-probs `{token id: log-prob}` (see the module docstring); NaN when
-    the position or the token is missing. Plain float math: it runs once per scored token, on ~21 numbers."""
-    if not entry or token not in entry:
-        return math.nan
-    actual = entry[token]
+def tempered(entry: dict[int, float], temperature: float, vocab_size: int) -> dict[int, float]:
+    """`{token: log p_τ(token)}` from one position's τ=1 log-probs `{token id: log-prob}` (see the module docstring).
+    Plain float math: it runs once per scored position, on ~21 numbers."""
     if temperature == 1.0:
-        return actual
+        return entry
     support = list(entry.values())
     support_mass = math.fsum(math.exp(v) for v in support)
     tail_mass = math.log1p(-support_mass) if support_mass < 1.0 else -math.inf  # log r, r = 1 − Σ_K p
@@ -50,24 +51,39 @@ def tempered_logprob(entry: dict[int, float] | None, token: int, temperature: fl
     terms = [v / temperature for v in support] + [n_tail + (tail_mass - n_tail) / temperature]
     top = max(terms)
     normaliser = top + math.log(math.fsum(math.exp(v - top) for v in terms))
-    return actual / temperature - normaliser
+    return {token: v / temperature - normaliser for token, v in entry.items()}
 
 
 def scores_from_prompt_logprobs(positions_B: list[list[dict[int, float] | None]], completions: list[list[int]],
                                 completion_ids: torch.Tensor, completion_mask: torch.Tensor, temperature: float,
-                                vocab_size: int, source: str) -> TeacherScores:
+                                vocab_size: int, source: str, top_k: int | None = None) -> TeacherScores:
     """`TeacherScores` from each row's prompt log-probs at its completion positions: `positions_B[b][t]` holds the
     τ=1 log-probs `{token id: log-prob}` returned where completion token t of row b was scored (None, or missing at
-    the end, when not returned). Raises a RuntimeError naming `source` rather than train on a missing score."""
-    logp_BT = torch.zeros(completion_ids.shape, dtype=torch.float32)
+    the end, when not returned). With `top_k`, also the `top_k` most likely tokens of each position and their
+    log-probs, for the logit-level term. Raises a RuntimeError naming `source` rather than train on a missing score."""
+    logp_BT = torch.full(completion_ids.shape, math.nan)
+    shape_K = (*completion_ids.shape, top_k or 0)
+    topk_ids, topk_logp = torch.zeros(shape_K, dtype=torch.long), torch.full(shape_K, math.nan)
     for b, (positions, completion) in enumerate(zip(positions_B, completions, strict=True)):
         for t, token in enumerate(completion):
             entry = positions[t] if t < len(positions) else None
-            logp_BT[b, t] = tempered_logprob(entry, token, temperature, vocab_size)
-    if not torch.isfinite(logp_BT[completion_mask.bool().cpu()]).all():
-        raise RuntimeError(f"{source} returned no finite log-prob for some completion tokens; refusing to train on "
-                           "missing teacher scores.")
-    return TeacherScores(logp_BT.to(completion_ids.device))
+            if not entry:
+                continue
+            entry = tempered(entry, temperature, vocab_size)
+            logp_BT[b, t] = entry.get(token, math.nan)
+            if top_k and len(entry) >= top_k:
+                best = sorted(entry.items(), key=lambda item: -item[1])[:top_k]
+                topk_ids[b, t] = torch.tensor([token for token, _ in best])
+                topk_logp[b, t] = torch.tensor([value for _, value in best])
+    mask = completion_mask.bool().cpu()
+    if not torch.isfinite(logp_BT[mask]).all() or not torch.isfinite(topk_logp[mask]).all():
+        raise RuntimeError(f"{source} returned no finite log-prob for some completion tokens (or fewer than top_k="
+                           f"{top_k} candidates); refusing to train on missing teacher scores.")
+    device = completion_ids.device
+    if not top_k:
+        return TeacherScores(logp_BT.nan_to_num(0.0).to(device))
+    return TeacherScores(logp_BT.nan_to_num(0.0).to(device), topk_ids_BTK=topk_ids.to(device),
+                         topk_logp_BTK=topk_logp.nan_to_num(0.0).to(device))
 
 
 def unpadded(ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> list[list[int]]:
@@ -83,11 +99,12 @@ class VLLMServerTeacher:
     - Each request is retried `retries` times with exponential backoff (`backoff`·2^i seconds) on connection
       errors, timeouts and 5xx answers, then fails with a RuntimeError naming the URL. It never returns zero or
       stale log-probs: a response without a finite log-prob for every completion token is an error too.
+    - `top_k`: also return each position's `top_k` most likely tokens and log-probs (the logit-level term).
     """
 
-    def __init__(self, base_url: str, tokenizer, temperature: float, *, timeout: float = 240.0, retries: int = 4,
-                 backoff: float = 2.0, request_timeout: float = 600.0):
-        self.base_url, self.temperature = base_url.rstrip("/"), temperature
+    def __init__(self, base_url: str, tokenizer, temperature: float, *, top_k: int | None = None,
+                 timeout: float = 240.0, retries: int = 4, backoff: float = 2.0, request_timeout: float = 600.0):
+        self.base_url, self.temperature, self.top_k = base_url.rstrip("/"), temperature, top_k
         self.retries, self.backoff, self.request_timeout = retries, backoff, request_timeout
         self.session = requests.Session()
         self._wait_until_up(timeout)
@@ -150,7 +167,7 @@ class VLLMServerTeacher:
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
         prompts, completions = unpadded(prompt_ids, prompt_mask), unpadded(completion_ids, completion_mask)
         payload = {"model": self.model, "prompt": [p + c for p, c in zip(prompts, completions)], "max_tokens": 1,
-                   "temperature": 1.0, "prompt_logprobs": prompt_logprobs_k(self.temperature)}
+                   "temperature": 1.0, "prompt_logprobs": prompt_logprobs_k(self.temperature, self.top_k)}
         choices = self._request("post", "/v1/completions", payload)["choices"]
         positions_B = [
             [None if pos is None else {int(k): v["logprob"] for k, v in pos.items()}
@@ -158,7 +175,7 @@ class VLLMServerTeacher:
             for choice, prompt in zip(choices, prompts, strict=True)
         ]
         return scores_from_prompt_logprobs(positions_B, completions, completion_ids, completion_mask, self.temperature,
-                                           self.vocab_size, f"The vLLM teacher at {self.base_url}")
+                                           self.vocab_size, f"The vLLM teacher at {self.base_url}", self.top_k)
 
 
 class VLLMEngineTeacher:

@@ -66,11 +66,21 @@ class RecordingTrainer(OnPolicyDistillTrainer):
                 "inputs": inputs,
                 "prompt_ids": [ids[m].tolist() for ids, m in zip(batch["prompt_ids"], prompt_mask)],
                 "completion_ids": [ids[m].tolist() for ids, m in zip(batch["completion_ids"], completion_mask)],
-                "advantages": [adv[m] for adv, m in zip(batch["advantages"], completion_mask)],
                 "weights": weights,
             }
         )
         return batch
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)  # forms the (B, T) advantages on-policy
+        # GRPO shuffles the generation batch before the loss: key each row's advantages by its (prompt, completion),
+        # which identifies them (equal pairs in a group get equal advantages).
+        rows = zip(inputs["prompt_ids"], inputs["prompt_mask"].bool(), inputs["completion_ids"],
+                   inputs["completion_mask"].bool(), inputs["advantages"])
+        self.records[-1]["advantages"] = {
+            (tuple(p[pm].tolist()), tuple(c[cm].tolist())): adv[cm].detach() for p, pm, c, cm, adv in rows
+        }
+        return loss
 
 
 def main(student_dir: str, teacher_dir: str, out_dir: str) -> None:

@@ -132,3 +132,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "vllm" in item.keywords:
             item.add_marker(skip)
+
+
+def with_dense_advantages(trainer, batch: dict) -> dict:
+    """`batch` from `trainer._generate_and_score_completions`, with its `(B, T)` advantages. On-policy the trainer
+    forms them in its loss's own student forward (DenseDistillTrainer._compute_loss): run that forward, without a
+    gradient, as a training step would."""
+    if batch["advantages"].dim() == 1:
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train; the loss divides by it
+        with torch.no_grad():
+            trainer._compute_loss(trainer.model, batch)
+    return batch

@@ -13,7 +13,9 @@ import types
 import pytest
 import torch
 
-from selfdistill.losses import DEFAULT_CHUNK, importance_weights, jsd, masked_mean, reverse_kl_advantage, token_logprobs
+from selfdistill.losses import (
+    DEFAULT_CHUNK, importance_weights, jsd, jsd_on_teacher_topk, masked_mean, reverse_kl_advantage, token_logprobs,
+)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 BETAS = [0.0, 0.3, 0.5, 1.0]  # 0.3 as well: β and 1 − β swapped agree at 0.5
@@ -475,3 +477,34 @@ def test_parity_with_trl_distillation_trainer_chunked_jsd(beta):
 
     for a, b in zip(run(ours), run(trl)):
         torch.testing.assert_close(a, b, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The teacher's top-k given as ids and log-probs (a vLLM-served teacher) instead of logits.
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("add_tail", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_given_teacher_topk_equals_teacher_support_jsd(beta, add_tail, temperature):
+    """Told the teacher's top-k ids and its log-probs on them, the divergence and its gradient equal `jsd` on the
+    teacher's top-k support computed from the teacher's logits (values and gradient in fp64, 1e-10)."""
+    K = 4
+    h = torch.randn(B, T, H, dtype=torch.float64, generator=_gen(1), requires_grad=True)
+    head = torch.nn.Linear(H, V).double()
+    z_t = 2 * torch.randn(B, T, V, dtype=torch.float64, generator=_gen(2))
+    ids = (z_t / temperature).topk(K, dim=-1).indices
+    logp = (z_t / temperature).log_softmax(-1).gather(-1, ids)
+    common = dict(beta=beta, add_tail=add_tail, temperature=temperature)
+    expected = jsd(h, z_t, MASK, student_head=head, top_k=K, support="teacher", **common)
+    got = jsd_on_teacher_topk(h, head, ids, logp, MASK, **common)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    grad_expected, grad_got = (torch.autograd.grad(x.sum(), h)[0] for x in (expected, got))
+    torch.testing.assert_close(grad_got, grad_expected, atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda x: jsd_on_teacher_topk(x, head, ids, logp, MASK, **common), (h,))
+
+
+def test_given_teacher_topk_rejects_mismatched_shapes():
+    ids = torch.zeros(B, T, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(B, T, K\)"):
+        jsd_on_teacher_topk(torch.randn(B, T, V), None, ids, torch.zeros(B, T, 4), MASK)

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from _opd_distributed import NUM_GENERATIONS, PER_DEVICE_BATCH, char_length_reward, make_config, prompts_dataset
-from conftest import SPECIAL_TOKENS, build_model
+from conftest import SPECIAL_TOKENS, build_model, with_dense_advantages
 from selfdistill.losses import jsd, masked_mean
 from selfdistill.teachers import completion_hidden_states
 from selfdistill.trainers import OnPolicyDistillTrainer
@@ -54,7 +54,7 @@ def make_trainer(tmp_path, student, teacher, reward_funcs=None, train_dataset=No
 def score_one_batch(trainer) -> dict:
     """Generate, reward and score the first batch of the trainer's dataloader, as a training step would."""
     trainer.model.train()  # the mode decides where metrics go: trainer._metrics["train"]
-    return trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    return with_dense_advantages(trainer, trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader()))))
 
 
 def completion_logprobs(model, batch, temperature) -> torch.Tensor:
@@ -149,6 +149,24 @@ def test_teacher_equal_to_student_gives_zero_advantage(tmp_path, student_dir, te
     metrics = trainer._metrics["train"]
     assert metrics["distill/reverse_kl"][0] == pytest.approx(0.0, abs=1e-5)
     assert metrics["distill/acceptance"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_shared_prompts_give_the_hidden_states_of_full_forwards(student_dir, tokenizer):
+    """Rows with equal prompts share one prompt pass (KV cache copied per row): the hidden states at the completion
+    positions equal one full forward per row, with left-padded prompts and right-padded completions (fp32, 1e-5)."""
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    prompts = tokenizer(["What is 12 + 30?"] * 3 + ["Hi"] * 2, return_tensors="pt", padding=True, padding_side="left")
+    completion_ids = torch.randint(5, len(tokenizer), (5, 6), generator=torch.Generator().manual_seed(0))
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[1, 4:] = completion_mask[4, 2:] = 0
+    rows = (prompts.input_ids, prompts.attention_mask, completion_ids, completion_mask)
+    with torch.no_grad():
+        shared = completion_hidden_states(model, *rows)
+        P = prompts.input_ids.shape[1]
+        full = [model.model(input_ids=torch.cat([p[None], c[None]], 1), attention_mask=torch.cat([pm[None], cm[None]], 1)
+                            ).last_hidden_state[0, P - 1 : -1] for p, pm, c, cm in zip(*rows)]
+    mask = completion_mask.bool()
+    torch.testing.assert_close(shared[mask], torch.stack(full)[mask], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -351,10 +369,12 @@ def test_two_processes_match_single_process(tmp_path, student_dir, teacher_dir):
 
         reference.model.load_state_dict(r0["weights"])
         reference.replay = r0["completion_ids"] + r1["completion_ids"]
-        batch = reference._generate_and_score_completions(r0["inputs"] + r1["inputs"])
+        batch = with_dense_advantages(reference, reference._generate_and_score_completions(r0["inputs"] + r1["inputs"]))
 
         prompt_ids = [ids[m].tolist() for ids, m in zip(batch["prompt_ids"], batch["prompt_mask"].bool())]
         assert prompt_ids == r0["prompt_ids"] + r1["prompt_ids"]  # same (prompt, completion) pairs, same order
         expected = [adv[m] for adv, m in zip(batch["advantages"], batch["completion_mask"].bool())]
-        for row, (got, want) in enumerate(zip(r0["advantages"] + r1["advantages"], expected, strict=True)):
+        recorded = {**r0["advantages"], **r1["advantages"]}
+        got_rows = [recorded[tuple(p), tuple(c)] for r in (r0, r1) for p, c in zip(r["prompt_ids"], r["completion_ids"])]
+        for row, (got, want) in enumerate(zip(got_rows, expected, strict=True)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda s: f"step {step} row {row}: {s}")

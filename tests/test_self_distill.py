@@ -19,17 +19,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import selfdistill.rewards as rewards
-
-if not hasattr(rewards, "FEEDBACK_KEY"):  # being added in rewards/feedback.py; the trainer imports it by name
-    rewards.FEEDBACK_KEY = "rollout_feedback"
-
-from selfdistill.trainers.self_distill import (  # noqa: E402
-    TEACHER_CHECKPOINT_FILE,
-    SelfDistillConfig,
-    SelfDistillTrainer,
-)
-
-FEEDBACK_KEY = rewards.FEEDBACK_KEY
+from conftest import with_dense_advantages
+from selfdistill.rewards import FEEDBACK_KEY
+from selfdistill.trainers.self_distill import TEACHER_CHECKPOINT_FILE, SelfDistillConfig, SelfDistillTrainer
 TEMPERATURE = 0.7  # ≠ 1, so a log-prob taken at the wrong temperature shows
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 THINK_PREFIX = "<think>\n\n</think>\n\n"
@@ -102,7 +94,7 @@ def one_batch(trainer):
     """One generation batch through the trainer's own dataloader and `_generate_and_score_completions`."""
     trainer.model.train()  # train mode: groups of `num_generations`, as during training
     inputs = next(iter(trainer.get_train_dataloader()))
-    return inputs, trainer._generate_and_score_completions(inputs)
+    return inputs, with_dense_advantages(trainer, trainer._generate_and_score_completions(inputs))
 
 
 def reference_logprobs(model, prompt_ids, completion_ids, temperature):
@@ -268,18 +260,20 @@ def test_live_teacher_scores_with_the_current_weights(tmp_path, tokenizer, stude
 
 def test_teacher_identical_to_the_student_gives_zero_kl_under_bf16_autocast(tmp_path, student_dir):
     """GRPOConfig's default bf16=True runs the student's forward under autocast. A live teacher shown the student's
-    own prompt must then reproduce the student's log-probs exactly, or the precision gap enters every advantage as a
-    spurious KL. (`cast_lm_head_to_fp32` puts the student's head in fp32, as the teacher's chunked head already is.)"""
-    trainer = make_trainer(tmp_path, student_dir, teacher="live", objective="sampled_token", bf16=True,
-                           cast_lm_head_to_fp32=True)
+    own prompt must then reproduce the student's log-probs, or the precision gap enters every advantage as a
+    spurious KL. Both sides project with the same fp32 chunked head (the student's log-probs for the advantage come
+    from its loss forward's hidden states, not from GRPO's bf16 head), so no `cast_lm_head_to_fp32` is needed. Not
+    bit-exact: the teacher runs a group's shared prompt once and its completions on the cached keys and values, which
+    rounds differently in bf16 (measured KL 1.5e-5; 0 with one full forward per row)."""
+    trainer = make_trainer(tmp_path, student_dir, teacher="live", objective="sampled_token", bf16=True)
     trainer._teacher_prompts = lambda inputs, batch: (
         batch["prompt_ids"], batch["prompt_mask"], torch.ones(len(batch["prompt_ids"]), dtype=torch.bool)
     )
     trainer.train()
     logs = trainer.state.log_history[0]
     assert logs["distill/frac_with_teacher"] == 1
-    assert abs(logs["distill/reverse_kl"]) < 1e-7
-    assert abs(logs["distill/acceptance"] - 1) < 1e-7
+    assert abs(logs["distill/reverse_kl"]) < 1e-4
+    assert abs(logs["distill/acceptance"] - 1) < 1e-4
 
 
 class CopyTeacherOnSave(TrainerCallback):

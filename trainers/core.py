@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from ..losses import importance_weights, jsd, masked_mean, reverse_kl_advantage, token_logprobs
+from ..losses import importance_weights, jsd, jsd_on_teacher_topk, masked_mean, reverse_kl_advantage, token_logprobs
 from ..teachers import causal_lm_parts
 from ..vllm_sync import cpu_server_generation, fix_vllm_cpu_weight_sync
 
@@ -77,8 +77,11 @@ class DenseDistillTrainer(GRPOTrainer):
 
     Overrides two GRPOTrainer methods, and nothing else:
     - `_generate_and_score_completions`: after GRPO generates and rewards, score the completion tokens under the
-      teacher and replace the `(B,)` advantages by the `(B, T)` ones of the module docstring;
-    - `_compute_loss`: add the optional logit-level JSD term to GRPO's loss.
+      teacher; when GRPO computed the sampling log-probs (off-policy, vLLM), replace the `(B,)` advantages by the
+      `(B, T)` ones of the module docstring right away;
+    - `_compute_loss`: on-policy, take the student's log-probs from GRPO's own loss forward (through a hook on the
+      backbone) and form the `(B, T)` advantages there, before GRPO's loss reads them: one student forward per step
+      fewer than scoring the student separately; then add the optional logit-level JSD term.
 
     Subclasses set `self.teacher` (see `selfdistill.teachers`) and implement `_teacher_prompts`.
     """
@@ -95,31 +98,30 @@ class DenseDistillTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
-        args, mode = self.args, "train" if self.model.training else "eval"
         completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
         teacher_prompt_ids, teacher_prompt_mask, has_teacher_B = self._teacher_prompts(inputs, batch)
         # The student's forward runs under accelerate's autocast (bf16 by default); the teacher calls the backbone
         # directly, bypassing the wrapped `forward`, so it needs the same context to be comparable.
         with self.accelerator.autocast():
             scores = self.teacher.score(teacher_prompt_ids, teacher_prompt_mask, completion_ids, completion_mask)
-        student_logp_BT = batch.get("old_per_token_logps")
-        if student_logp_BT is None:
-            with torch.no_grad():
-                student_logp_BT = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    torch.cat([batch["prompt_ids"], completion_ids], dim=1),
-                    torch.cat([batch["prompt_mask"], completion_mask], dim=1),
-                    completion_ids.shape[1],
-                    batch_size=args.per_device_train_batch_size,
-                )[0]
         mask_BT = completion_mask * batch.get("tool_mask", 1) * has_teacher_B.unsqueeze(1).to(completion_mask.dtype)
-        kl_adv_BT = reverse_kl_advantage(student_logp_BT, scores.logp_BT, mask_BT, args.kl_discount)
-        batch["advantages"] = args.task_weight * batch["advantages"].unsqueeze(1) + args.kl_coef * kl_adv_BT
-        if args.distill_loss_weight:
-            batch["teacher_hidden"], batch["distill_mask"] = scores.hidden_BTH, mask_BT
-            batch["student_logps_at_sampling"] = student_logp_BT
-        self._log_distill_metrics(mode, student_logp_BT, scores.logp_BT, mask_BT, has_teacher_B)
+        batch["teacher_logps"], batch["distill_mask"], batch["has_teacher"] = scores.logp_BT, mask_BT, has_teacher_B
+        if self.args.distill_loss_weight:
+            batch.update(scores.logit_inputs())
+        if "old_per_token_logps" in batch:  # sampled by older weights (or vLLM): their log-probs are known now
+            self._add_dense_term(batch, batch["old_per_token_logps"])
+        # Otherwise GRPO skipped them, as they equal the log-probs of its loss's own forward: `_compute_loss` takes
+        # them from that forward, which saves a student forward per step.
         return batch
+
+    def _add_dense_term(self, batch, student_logp_BT):
+        """Turn GRPO's `(B,)` advantages into the `(B, T)` ones of the module docstring, and log the teacher metrics."""
+        args, mode = self.args, "train" if self.model.training else "eval"
+        logp_t, mask_BT = batch["teacher_logps"], batch["distill_mask"]
+        kl_adv_BT = reverse_kl_advantage(student_logp_BT, logp_t, mask_BT, args.kl_discount)
+        batch["advantages"] = args.task_weight * batch["advantages"].unsqueeze(1) + args.kl_coef * kl_adv_BT
+        batch["student_logps_at_sampling"] = student_logp_BT
+        self._log_distill_metrics(mode, student_logp_BT, logp_t, mask_BT, batch["has_teacher"])
 
     def _log_distill_metrics(self, mode, logp_s, logp_t, mask, has_teacher_B):
         m = mask.float()
@@ -145,34 +147,42 @@ class DenseDistillTrainer(GRPOTrainer):
         self._metrics[mode]["distill/frac_with_teacher"].append((sums[6] / sums[7]).item())
 
     def _compute_loss(self, model, inputs):
-        if not self.args.distill_loss_weight:
-            return super()._compute_loss(model, inputs)
-        # Reuse GRPO's student forward: capture the backbone's last hidden states (with their graph) instead of
-        # running the student a second time.
+        # Hook GRPO's student forward instead of running the student again: its last hidden states (with their
+        # graph) feed the logit-level term; on-policy, the sampling log-probs are taken from them right after the
+        # forward, before GRPO reads the advantages.
+        args, mode = self.args, "train" if self.model.training else "eval"
+        completion_ids, mask_BT = inputs["completion_ids"], inputs["distill_mask"]
+        T = completion_ids.shape[1]
         backbone, head = causal_lm_parts(model)
         captured = []
-        handle = backbone.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+
+        def on_forward(module, hook_args, out):
+            hidden_s = out.last_hidden_state[:, -T - 1 : -1]  # position P−1+t predicts completion token t
+            captured.append(hidden_s)
+            if "student_logps_at_sampling" not in inputs:
+                with torch.no_grad():
+                    logp = token_logprobs(hidden_s, completion_ids, inputs["completion_mask"], head=head,
+                                          temperature=self.temperature)
+                self._add_dense_term(inputs, logp)
+
+        handle = backbone.register_forward_hook(on_forward)
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
             handle.remove()
-        args, mode = self.args, "train" if self.model.training else "eval"
-        completion_ids, mask_BT = inputs["completion_ids"], inputs["distill_mask"]
-        T = completion_ids.shape[1]
-        hidden_s = torch.cat(captured)[:, -T - 1 : -1]  # position P−1+t predicts completion token t
-        per_token = jsd(
-            hidden_s,
-            inputs["teacher_hidden"],
-            mask_BT,
-            beta=args.distill_beta,
-            student_head=head,
-            teacher_head=self.teacher.head,
-            temperature=self.temperature,
-            top_k=args.distill_top_k,
-            support=args.distill_support,
-            add_tail=args.distill_add_tail,
-        )
-        if args.distill_is_clip is not None:
+        if not args.distill_loss_weight:
+            return loss
+        (hidden_s,) = captured  # GRPO's loss runs one forward over the whole micro-batch
+        logit_args = dict(beta=args.distill_beta, temperature=self.temperature, add_tail=args.distill_add_tail)
+        if "teacher_topk_ids" in inputs:  # a vLLM-served teacher: its top-k log-probs, not its hidden states
+            per_token = jsd_on_teacher_topk(hidden_s, head, inputs["teacher_topk_ids"], inputs["teacher_topk_logps"],
+                                            mask_BT, **logit_args)
+        else:
+            per_token = jsd(hidden_s, inputs["teacher_hidden"], mask_BT, student_head=head,
+                            teacher_head=self.teacher.head, top_k=args.distill_top_k, support=args.distill_support,
+                            **logit_args)
+        # On-policy the IS weights are exactly 1: the log-probs at sampling came from this very forward.
+        if args.distill_is_clip is not None and "old_per_token_logps" in inputs:
             with torch.no_grad():
                 logp_now = token_logprobs(hidden_s, completion_ids, mask_BT, head=head, temperature=self.temperature)
             per_token = per_token * importance_weights(logp_now, inputs["student_logps_at_sampling"], args.distill_is_clip)

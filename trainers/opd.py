@@ -64,11 +64,15 @@ class OnPolicyDistillTrainer(DenseDistillTrainer):
         if args.teacher_server_url is not None:
             if teacher_model is not None:
                 raise ValueError("Pass either teacher_model or args.teacher_server_url, not both.")
-            if args.distill_loss_weight:
-                raise ValueError("The logit-level term needs a local teacher; the vLLM server teacher gives "
-                                 "sampled-token log-probs (distill_loss_weight must be 0).")
+            top_k = None
+            if args.distill_loss_weight:  # the server returns the teacher's top-k, not its logits
+                if args.distill_top_k is None or args.distill_support != "teacher":
+                    raise ValueError("With a vLLM server teacher the logit-level term runs on the teacher's top-k "
+                                     "log-probs: set distill_top_k (at most the server's --max-logprobs, default 20) "
+                                     "and distill_support='teacher'.")
+                top_k = args.distill_top_k
             self.teacher_model = None
-            self.teacher = VLLMServerTeacher(args.teacher_server_url, student_tokenizer, self.temperature,
+            self.teacher = VLLMServerTeacher(args.teacher_server_url, student_tokenizer, self.temperature, top_k=top_k,
                                              timeout=args.teacher_server_timeout)
             return
         if isinstance(teacher_model, str):
