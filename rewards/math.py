@@ -30,6 +30,7 @@ _WORKER_SCRIPT = str(Path(__file__).with_name("_math_worker.py"))
 _BOXED_TRIES = 8  # how many trailing \boxed occurrences to try; bounds the scan of a huge malformed completion
 _MAX_BRACES = 10_000  # an answer with more braces than this counts as malformed
 _BRACES = re.compile(r"[{}]")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def last_boxed(text: str) -> str | None:
@@ -65,11 +66,14 @@ def _braced(text: str, i: int) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, last_number: bool = False) -> str | None:
     """The final answer of a completion: the last `\\boxed{...}`, else the last "Answer: ..." line, else None.
 
     "Answer:" lines may carry markdown decoration ("**Final answer:** 42"); surrounding `$`, `*` and a trailing
     period are stripped. Line-by-line string tests, no backtracking regex, so a 1 MB completion is cheap.
+    `last_number=True` adds a lenient last resort: the last number written anywhere ("17 + 25 = 32." gives "32"),
+    with thousands separators "1,234" read as 1234. Small instruct models answer arithmetic in such plain sentences
+    and almost never write `\\boxed{}`, so a strict grader scores every rollout 0 and GRPO gets no signal.
     """
     boxed = last_boxed(text)
     if boxed and boxed.strip():
@@ -80,6 +84,9 @@ def extract_answer(text: str) -> str | None:
             value = value.strip(" \t*$").rstrip(".").strip(" \t*$")
             if value:
                 return value
+    if last_number:
+        numbers = _NUMBER.findall(text[-2000:].replace(",", ""))
+        return numbers[-1] if numbers else None
     return None
 
 
@@ -210,6 +217,10 @@ class MathAccuracy:
     (N characters)", followed by "the correct answer is Y" when `reveal_solution=True`. It goes to the feedback
     channel and to TRL's completions table as column `feedback_<name>`.
 
+    `last_number=True` grades the last number of a completion that has neither (`extract_answer`): a lenient
+    option for small models that answer in plain text. Use the same options for the training reward and the
+    evaluation (the CLI's held-out evaluation takes the run's `reward_options`), for every method compared.
+
     Holds its own `MathVerifier` (worker processes with a per-answer timeout); call `close()` to stop them early.
     """
 
@@ -219,11 +230,13 @@ class MathAccuracy:
         timeout_s: float = 5.0,
         workers: int = 2,
         max_answer_chars: int = 1000,
+        last_number: bool = False,
         name: str = "accuracy",
     ):
         self.__name__ = name  # TRL names a reward after its `__name__`
         self.reveal_solution = reveal_solution
         self.max_answer_chars = max_answer_chars
+        self.last_number = last_number
         self.verifier = MathVerifier(workers=workers, timeout_s=timeout_s)
 
     def close(self) -> None:
@@ -235,7 +248,7 @@ class MathAccuracy:
         if golds is None:
             raise ValueError(f"the {self.__name__} reward needs a `solution` (or `answer`) dataset column")
         golds = [gold_answer(g) for g in golds]
-        answers = [extract_answer(completion_text(c)) for c in completions]
+        answers = [extract_answer(completion_text(c), self.last_number) for c in completions]
         too_long = [a is not None and len(a) > self.max_answer_chars for a in answers]
         asked = [i for i, g in enumerate(golds) if g is not None]
         statuses = ["bad_gold"] * len(golds)

@@ -25,20 +25,21 @@ DEMO = {
     "baseline": "grpo",
     "model_name_or_path": "smollm2",
     "dataset_name": "arithmetic",
-    "dataset_options": {"difficulty": 2},
+    # SmolLM2-135M ignores \boxed{} and answers "17 + 25 = 32."; grade the last number it writes (training and eval).
+    "dataset_options": {"difficulty": 2, "instruction": "Answer with just the number."},
     "train_size": 96,
     "eval_tasks": ["arithmetic"],
     "eval_size": 50,
     "reward_funcs": ["accuracy"],
-    "reward_options": {"accuracy": {"reveal_solution": True}},
+    "reward_options": {"accuracy": {"reveal_solution": True, "last_number": True}},
     "output_dir": "runs/demo",
     "learning_rate": 2.0e-5,
     "max_steps": 12,
     "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 2,
+    "gradient_accumulation_steps": 1,
     "num_generations": 8,
-    "max_completion_length": 48,
-    "temperature": 1.0,
+    "max_completion_length": 32,
+    "temperature": 0.7,
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
@@ -64,10 +65,13 @@ class RunArguments:
     eval_size: int = field(default=50, metadata={"help": "Held-out problems per eval task."})
     baseline: str | None = field(default=None, metadata={"help": "'grpo': also train plain GRPO, same start and budget."})
     pruned_layers: int = field(default=15, metadata={"help": "Layers kept by model 'smollm2-pruned' (of 30)."})
+    pruned_keep_layers: list[int] | None = field(
+        default=None, metadata={"help": "Explicit indices of the layers 'smollm2-pruned' keeps (overrides pruned_layers)."})
 
 
-def resolve_model(name: str, pruned_layers: int = 15) -> str:
-    """'smollm2' is the offline SmolLM2-135M-Instruct checkpoint; 'smollm2-pruned' its depth-pruned copy."""
+def resolve_model(name: str, pruned_layers: int = 15, keep_layers: list[int] | None = None) -> str:
+    """'smollm2' is the offline SmolLM2-135M-Instruct checkpoint; 'smollm2-pruned' its depth-pruned copy, keeping
+    `keep_layers` (explicit indices) or else `pruned_layers` layers chosen by `assets.default_layers`."""
     if name not in ("smollm2", "smollm2-pruned"):
         return name
     from .assets import layer_pruned, smollm2_path
@@ -75,7 +79,9 @@ def resolve_model(name: str, pruned_layers: int = 15) -> str:
     path = smollm2_path()
     if name == "smollm2":
         return path
-    return layer_pruned(path, pruned_layers, os.path.join(os.path.dirname(path), f"{os.path.basename(path)}-{pruned_layers}L"))
+    suffix = f"{pruned_layers}L" if not keep_layers else "L" + "-".join(str(i) for i in keep_layers)
+    return layer_pruned(path, list(keep_layers) if keep_layers else pruned_layers,
+                        os.path.join(os.path.dirname(path), f"{os.path.basename(path)}-{suffix}"))
 
 
 def load_reward(name: str, options: dict):
@@ -131,13 +137,21 @@ def build_trainer(method: str, run: "RunArguments", config, model_path: str, tra
     return SelfDistillTrainer(model=model_path, reward_funcs=rewards, args=config, train_dataset=train_dataset)
 
 
-def _evaluate_into(run_dir: str, label_step: int, model, tokenizer, run: "RunArguments", config) -> dict:
-    """Evaluate and append `{task: [{step, pass@1, mean_reward}]}` to `run_dir/eval.json`."""
-    from .evaluate import evaluate
+def _evaluate_into(run_dir: str, label_step: int, model, tokenizer, run: "RunArguments", config,
+                   teacher=None) -> dict:
+    """Evaluate and append `{task: [{step, pass@1, mean_reward}]}` to `run_dir/eval.json`; with a `teacher` (method
+    'opd'), also the held-out reverse KL and acceptance of the student's samples (`evaluate.distill_metrics`)."""
+    from .evaluate import distill_metrics, evaluate
 
     results = evaluate(model, tokenizer, run.eval_tasks, n=run.eval_size, seed=config.seed,
                        max_new_tokens=config.max_completion_length,
-                       task_options={run.dataset_name: run.dataset_options or {}})
+                       task_options={run.dataset_name: run.dataset_options or {}}, reward_options=run.reward_options)
+    if teacher is not None:
+        close = distill_metrics(model, teacher, tokenizer, run.eval_tasks, n=run.eval_size, seed=config.seed,
+                                temperature=config.temperature, max_new_tokens=config.max_completion_length,
+                                task_options={run.dataset_name: run.dataset_options or {}})
+        for task in results:
+            results[task].update(close[task])
     path = os.path.join(run_dir, "eval.json")
     history = json.load(open(path)) if os.path.exists(path) else {}
     for task, r in results.items():
@@ -166,13 +180,13 @@ def parse_train_args(argv: list[str], method: str, use_demo: bool):
 
 def train(argv: list[str]) -> dict:
     """Parse, train the method (and the baseline), evaluate before/after, write eval.json and curves.png."""
-    from .evaluate import format_table
-    from .plot import plot_run
+    from .evaluate import evaluate, format_table
+    from .plot import plot_comparison, plot_run
     from .tasks import load_task
 
     method, config_yaml = peek_method(argv)
     run, config = parse_train_args(argv, method, config_yaml is None)
-    model_path = resolve_model(run.model_name_or_path, run.pruned_layers)
+    model_path = resolve_model(run.model_name_or_path, run.pruned_layers, run.pruned_keep_layers)
     train_dataset = load_task(run.dataset_name, split="train", n=run.train_size, seed=config.seed,
                               **(run.dataset_options or {}))
     root = config.output_dir
@@ -181,23 +195,38 @@ def train(argv: list[str]) -> dict:
         method_config = config if name == run.method else parse_train_args(argv, name, config_yaml is None)[1]
         method_config.output_dir = os.path.join(root, name)
         trainer = build_trainer(name, run, method_config, model_path, train_dataset)
+        teacher = getattr(trainer, "teacher_model", None)  # a local OPD teacher: also measure closeness to it
         if run.eval_tasks and trainer.accelerator.is_main_process:
             if "before" not in table:
                 table["before"] = _evaluate_into(method_config.output_dir, 0, trainer.model, trainer.processing_class,
-                                                 run, config)
+                                                 run, config, teacher)
+                if teacher is not None:  # the teacher's own accuracy: the ceiling of pure distillation
+                    table["teacher"] = evaluate(teacher, trainer.processing_class, run.eval_tasks, n=run.eval_size,
+                                                seed=config.seed, max_new_tokens=config.max_completion_length,
+                                                task_options={run.dataset_name: run.dataset_options or {}},
+                                                reward_options=run.reward_options)
             else:
                 _record(method_config.output_dir, 0, table["before"])
         trainer.train()
         trainer.save_model()
-        if trainer.accelerator.is_main_process:
+        is_main = trainer.accelerator.is_main_process
+        if is_main:
             trainer.state.save_to_json(os.path.join(method_config.output_dir, "trainer_state.json"))
             if run.eval_tasks:
                 table[f"after {name}"] = _evaluate_into(method_config.output_dir, trainer.state.global_step,
-                                                        trainer.model, trainer.processing_class, run, config)
+                                                        trainer.model, trainer.processing_class, run, config,
+                                                        teacher if name == run.method else None)
             print(f"plot: {plot_run(method_config.output_dir)}")
         del trainer
+    if len(methods) > 1 and is_main:
+        print(f"plot: {plot_comparison(root, methods)}")
     if table:
         print(format_table(table))
+        for label, per_task in table.items():  # held-out closeness to the teacher (method 'opd')
+            for task, r in per_task.items():
+                if "reverse_kl" in r:
+                    print(f"{label} {task}: held-out reverse KL {r['reverse_kl']:.3f} nats/token, "
+                          f"acceptance {r['acceptance']:.3f} ({r['tokens']} student tokens)")
         with open(os.path.join(root, "results.json"), "w") as f:
             json.dump(table, f, indent=2)
     return table

@@ -6,6 +6,7 @@ single completion (greedy, or one sample) gets the full reward 1.0.
 """
 
 import json
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -36,14 +37,42 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperatur
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 50, seed: int = 0, temperature: float = 0.0,
-             max_new_tokens: int = 64, batch_size: int = 16, task_options: dict | None = None) -> dict:
-    """`{task: {"pass@1", "mean_reward", "n"}}` on the held-out ("test") split of each task."""
+             max_new_tokens: int = 64, batch_size: int = 16, task_options: dict | None = None,
+             reward_options: dict | None = None) -> dict:
+    """`{task: {"pass@1", "mean_reward", "n"}}` on the held-out ("test") split of each task.
+
+    `task_options` are keyword arguments of the task builders, by task name; `reward_options` those of the rewards,
+    by reward name (as in a training run's `reward_options`, so the evaluation grades like the training reward).
+    The model generates in eval mode (then gets its mode back): a model just out of `trainer.train()` is in training
+    mode, and greedy decoding there gave SmolLM2 garbage ("4---------------") where eval mode gave "41 + 98 = 199".
+    """
+    with eval_mode(model):
+        return _evaluate(model, tokenizer, tasks, n=n, seed=seed, temperature=temperature,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, task_options=task_options,
+                         reward_options=reward_options)
+
+
+@contextmanager
+def eval_mode(*models):
+    """The models in eval mode inside the block, each back in its own mode after it."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+def _evaluate(model, tokenizer, tasks, *, n, seed, temperature, max_new_tokens, batch_size, task_options,
+              reward_options) -> dict:
     results = {}
     for task in tasks:
         dataset = load_task(task, split="test", n=n, seed=seed, **(task_options or {}).get(task, {}))
         completions = generate(model, tokenizer, dataset["prompt"], max_new_tokens=max_new_tokens,
                                temperature=temperature, batch_size=batch_size, desc=f"eval {task}")
-        reward = get_reward(TASK_REWARDS[task])
+        reward = get_reward(TASK_REWARDS[task], **(reward_options or {}).get(TASK_REWARDS[task], {}))
         columns = {k: dataset[k] for k in dataset.column_names if k != "prompt"}
         scores = [s for s in reward(prompts=dataset["prompt"], completions=completions, **columns) if s is not None]
         results[task] = {
@@ -71,4 +100,55 @@ def evaluate_path(path: str, tasks: list[str], output: str | None = None, **opti
     if output:
         with open(output, "w") as f:
             json.dump({"model": path, "results": results}, f, indent=2)
+    return results
+
+
+@torch.no_grad()
+def distill_metrics(student, teacher, tokenizer, tasks: list[str], *, n: int = 50, seed: int = 0,
+                    temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16,
+                    task_options: dict | None = None) -> dict:
+    """`{task: {"reverse_kl", "acceptance", "tokens"}}`: how close the student is to the teacher on held-out prompts.
+
+    The student samples one completion per held-out prompt at `temperature` (seeded with `seed`, in a forked RNG so
+    the caller's random state is untouched); both models score those tokens at the same temperature, as in training.
+    Per sampled token (up to and including the first EOS): `reverse_kl` is the mean of log S(x) − log T(x), an
+    unbiased estimate of KL(S‖T) per token, and `acceptance` the mean of min(1, T(x)/S(x)), the expected
+    speculative-decoding acceptance of the student drafting for the teacher — the training metrics
+    `distill/reverse_kl` and `distill/acceptance`, measured on a fixed prompt set before and after training.
+    """
+    tokenizer.padding_side = "left"
+    eos = student.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    results = {}
+    for task in tasks:
+        dataset = load_task(task, split="test", n=n, seed=seed, **(task_options or {}).get(task, {}))
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list)
+                 else p for p in dataset["prompt"]]
+        kl_sum = acc_sum = tokens = 0.0
+        with torch.random.fork_rng(devices=[]), eval_mode(student, teacher):
+            torch.manual_seed(seed)
+            for start in tqdm(range(0, len(texts), batch_size), desc=f"distill eval {task}", leave=False):
+                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                                  add_special_tokens=False).to(student.device)
+                ids = student.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                       top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+                P = batch["input_ids"].shape[1]
+                completion = ids[:, P:]
+                is_eos = torch.zeros_like(completion, dtype=torch.bool)
+                for e in eos:
+                    is_eos |= completion == e
+                # Keep tokens up to and including the first EOS.
+                mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+                attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+                logps = []
+                for model in (student, teacher):
+                    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, P - 1 : -1]
+                    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+                    logps.append(logp.gather(-1, completion.unsqueeze(-1)).squeeze(-1))
+                diff = (logps[0] - logps[1])[mask]
+                kl_sum += diff.sum().item()
+                acc_sum += (-diff).clamp(max=0).exp().sum().item()
+                tokens += mask.sum().item()
+        results[task] = {"reverse_kl": kl_sum / max(tokens, 1), "acceptance": acc_sum / max(tokens, 1),
+                         "tokens": int(tokens)}
     return results

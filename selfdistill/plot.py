@@ -34,6 +34,9 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
     history = log_history(run_dir)
     curves = {key: [(h["step"], h[key]) for h in history if key in h] for key in CURVES}
     curves = {key: points for key, points in curves.items() if points}
+    # A reward or teacher-context fraction that never moves (pure distillation: reward 0, fraction 1) is no curve.
+    curves = {key: points for key, points in curves.items()
+              if key not in ("reward", "distill/frac_with_teacher") or len({v for _, v in points}) > 1 or len(points) < 2}
     eval_path = os.path.join(run_dir, "eval.json")
     evals = json.load(open(eval_path)) if os.path.exists(eval_path) else {}
     panels = len(curves) + bool(evals)
@@ -41,9 +44,15 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
         raise ValueError(f"nothing to plot in {run_dir}: none of {list(CURVES)} was logged")
     fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.2), squeeze=False)
     for ax, (key, points) in zip(axes[0], curves.items()):
-        ax.plot(*zip(*points), marker=".")
+        ax.plot(*zip(*points), marker=".", label="training batches")
         ax.set_title(CURVES[key])
         ax.set_xlabel("step")
+        field = key.split("/")[-1]  # held-out reverse_kl / acceptance, in eval.json for method 'opd'
+        for task, evaluated in evals.items():
+            held_out = [(p["step"], p[field]) for p in evaluated if field in p]
+            if held_out:
+                ax.plot(*zip(*held_out), marker="o", linestyle="--", label=f"held-out {task}")
+                ax.legend()
     if evals:
         ax = axes[0][-1]
         for task, points in evals.items():
@@ -53,6 +62,34 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
         ax.legend()
     fig.tight_layout()
     output = output or os.path.join(run_dir, "curves.png")
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def plot_comparison(root: str, methods: list[str], output: str | None = None) -> str:
+    """One PNG comparing runs `root/<method>` (a method and its baseline): training reward and held-out pass@1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (reward_ax, eval_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for method in methods:
+        run_dir = os.path.join(root, method)
+        points = [(h["step"], h["reward"]) for h in log_history(run_dir) if "reward" in h]
+        if points:
+            reward_ax.plot(*zip(*points), marker=".", label=method)
+        eval_path = os.path.join(run_dir, "eval.json")
+        for task, evaluated in (json.load(open(eval_path)) if os.path.exists(eval_path) else {}).items():
+            eval_ax.plot([p["step"] for p in evaluated], [p["pass@1"] for p in evaluated], marker="o",
+                         label=f"{method} ({task})")
+    for ax, title in ((reward_ax, "training reward (batch mean)"), (eval_ax, "held-out pass@1 (greedy)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    output = output or os.path.join(root, "curves.png")
     fig.savefig(output, dpi=100)
     plt.close(fig)
     return output

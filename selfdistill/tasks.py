@@ -65,8 +65,12 @@ def arithmetic(
     chat: bool = True,
     split: str = "train",
     system_prompt: str | None = None,
+    instruction: str = BOXED_INSTRUCTION,
 ) -> Dataset:
     """`n` problems such as "What is 17 + 25? Put the final answer in \\boxed{}." with gold answers in `solution`.
+
+    `instruction` follows the question (an empty string: none); e.g. "Answer with just the number." for a small
+    model that ignores `\\boxed{}`, graded with the accuracy reward's `last_number` option.
 
     Difficulty 1: one-digit addition; 2: two-digit addition; 3: three-digit +, -, *; 4: `(a ± b) op c` with
     two-digit a, b. Problems are drawn with replacement from the split's share of the problem space (`split_of`), with
@@ -79,7 +83,7 @@ def arithmetic(
     while len(prompts) < n:  # ends: every (difficulty, split) holds problems, the smallest about 10 of 100
         expression, value = _expression(rng, difficulty)
         if split_of(expression) == split:
-            prompts.append(_prompt(f"What is {expression}? {BOXED_INSTRUCTION}", chat, system_prompt))
+            prompts.append(_prompt(f"What is {expression}? {instruction}".strip(), chat, system_prompt))
             solutions.append(str(value))
     return Dataset.from_dict({"prompt": prompts, "solution": solutions})
 

@@ -76,3 +76,25 @@ def test_accelerate_configs_parse(name):
     with open(os.path.join(RECIPES_DIR, "accelerate", f"{name}.yaml")) as f:
         config = yaml.safe_load(f)
     assert config["distributed_type"] in ("MULTI_GPU", "DEEPSPEED", "FSDP")
+
+
+def test_cpu_demo_recipe_is_the_embedded_demo():
+    with open(os.path.join(RECIPES_DIR, "cpu", "sdpo_arithmetic.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    assert {**recipe, "output_dir": None} == {**cli.DEMO, "output_dir": None}
+
+
+def test_plot_comparison_of_a_method_and_its_baseline(tmp_path):
+    from selfdistill.plot import plot_comparison
+
+    for method, reward in (("sdpo", 0.5), ("grpo", 0.25)):
+        run_dir = tmp_path / method
+        run_dir.mkdir()
+        history = [{"step": s, "reward": reward * s} for s in (1, 2)]
+        (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        (run_dir / "eval.json").write_text(json.dumps({"arithmetic": [{"step": 0, "pass@1": 0.2},
+                                                                      {"step": 2, "pass@1": reward}]}))
+    import matplotlib.image
+
+    image = matplotlib.image.imread(plot_comparison(str(tmp_path), ["sdpo", "grpo"]))
+    assert image.shape[0] > 100 and image.shape[1] > 400

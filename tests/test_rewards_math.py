@@ -42,6 +42,34 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("17 + 25 = 32.", "32"),  # SmolLM2's plain-sentence answer
+        ("The sum is 1,234.", "1234"),
+        ("It is -3.5 or so", "-3.5"),
+        ("\\boxed{7}, not 8", "7"),  # a box or an "Answer:" line still wins
+        ("Answer: 9\nsee 10", "9"),
+        ("no digits", None),
+    ],
+)
+def test_extract_answer_last_number_fallback(text, expected):
+    assert extract_answer(text, last_number=True) == expected
+
+
+def test_last_number_option_grades_plain_answers():
+    strict, lenient = MathAccuracy(timeout_s=2, workers=1), MathAccuracy(timeout_s=2, workers=1, last_number=True)
+    try:
+        completions, golds = ["17 + 25 = 42.", "17 + 25 = 32.", "I don't know"], ["42"] * 3
+        assert strict(completions, solution=golds) == [0.0, 0.0, 0.0]
+        rewards, feedback = score(lenient, completions, golds)
+        assert rewards == [1.0, 0.0, 0.0]
+        assert feedback == [None, "your final answer 32 is incorrect", NO_ANSWER]
+    finally:
+        strict.close()
+        lenient.close()
+
+
 def test_extraction_of_a_huge_completion_is_fast():
     text = "\\boxed{" * 200_000 + "x" * 1_000_000  # 2.4 MB of unbalanced boxes: only the last few are tried
     start = time.monotonic()

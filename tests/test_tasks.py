@@ -54,6 +54,13 @@ def test_chat_and_plain_prompts():
     assert isinstance(plain, str) and plain == chat[1]["content"]
 
 
+def test_arithmetic_instruction():
+    rows = arithmetic(3, seed=0, instruction="Answer with just the number.")
+    assert rows["solution"] == arithmetic(3, seed=0)["solution"]  # same problems, other wording
+    assert all(_question(p).endswith("? Answer with just the number.") for p in rows["prompt"])
+    assert all(_question(p).endswith("?") for p in arithmetic(3, seed=0, instruction="")["prompt"])
+
+
 def test_held_out_split_never_overlaps_train():
     for difficulty in (1, 2, 3):
         train = {_expression(p) for seed in range(3) for p in arithmetic(300, seed, difficulty)["prompt"]}
