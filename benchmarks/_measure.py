@@ -6,9 +6,12 @@ the increase over the RSS measured just before the block, after `release_memory(
 you compare, so memory freed by one is handed back to the OS before the next starts.
 """
 
+import cProfile
 import ctypes
 import gc
 import os
+import statistics
+import pstats
 import threading
 import time
 
@@ -75,3 +78,49 @@ class StepTimes(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.wall.append(time.perf_counter() - self._start[0])
         self.cpu.append(time.process_time() - self._start[1])
+
+
+def train_measured(build, label: str, profiled: str | None = None):
+    """Build a trainer with `build()` and train it; return its `StepTimes` and its peak RSS increase in MiB. With
+    `profiled` (a regular expression of function names), also print a cProfile of the training by cumulative time."""
+    release_memory()
+    times = StepTimes()
+    with PeakRSS() as peak:
+        trainer = build()
+        trainer.add_callback(times)
+        profiler = cProfile.Profile() if profiled else None
+        if profiler:
+            profiler.enable()
+        trainer.train()
+        if profiler:
+            profiler.disable()
+            print(f"\n### cProfile, {label}: the parts of a step, by cumulative time")
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(profiled)
+    del trainer
+    release_memory()
+    return times, peak.increase_mib
+
+
+def alternating_rounds(run, rounds: int, profile: bool, label: str) -> dict:
+    """Run ours and TRL's trainer `rounds` times each, in alternating order (so load hits both alike), with
+    `run(kind, profile) -> (StepTimes, peak MiB)`, profiling the last round if asked. Returns, per kind, the median
+    wall and CPU seconds of the steps after each run's first (warm-up), the minimum CPU seconds and the largest peak."""
+    wall, cpu, mib = {"ours": [], "trl": []}, {"ours": [], "trl": []}, {"ours": [], "trl": []}
+    for round_ in range(rounds):
+        for kind in ["ours", "trl"] if round_ % 2 == 0 else ["trl", "ours"]:
+            times, peak = run(kind, profile and round_ == rounds - 1)
+            wall[kind] += times.wall[1:]
+            cpu[kind] += times.cpu[1:]
+            mib[kind].append(peak)
+            print(f"{label} round {round_} {kind}: wall {[round(s, 2) for s in times.wall]} s, "
+                  f"cpu {[round(s, 2) for s in times.cpu]} s, +{peak:.0f} MiB", flush=True)
+    return {kind: (statistics.median(wall[kind]), statistics.median(cpu[kind]), min(cpu[kind]), max(mib[kind]))
+            for kind in ("ours", "trl")}
+
+
+# Trainer settings shared by the step benchmarks: sampling with no top-k/top-p, fp32 without gradient checkpointing
+# (TRL's defaults turn bf16 autocast and checkpointing on), CPU, nothing saved or logged (a callback times the steps).
+TRAINER_SETTINGS = dict(
+    learning_rate=1e-5, temperature=1.0, top_k=0, top_p=1.0, seed=0, bf16=False, gradient_checkpointing=False,
+    use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+)

@@ -29,9 +29,6 @@ How it is measured.
 """
 
 import argparse
-import cProfile
-import pstats
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _measure import PeakRSS, StepTimes, release_memory  # noqa: E402
+from _measure import TRAINER_SETTINGS, alternating_rounds, train_measured  # noqa: E402
 from _opd_distributed import prompts_dataset  # noqa: E402  (the tests' prompts)
 from conftest import build_model, build_tokenizer  # noqa: E402  (also switches the hub off)
 from trl import DistillationConfig, DistillationTrainer  # noqa: E402
@@ -58,20 +55,7 @@ PROFILED = (
     r"\(_compute_loss|\(_get_per_token_logps_and_entropies|\(_get_last_hidden_state|\(backward|\(step\)|"
     r"\(completion_hidden_states|\(token_logprobs|\(_chunked_divergence_loss|\(_calculate_rewards"
 )
-COMMON = dict(
-    learning_rate=1e-5,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    seed=0,
-    bf16=False,
-    gradient_checkpointing=False,
-    use_cpu=True,
-    report_to="none",
-    save_strategy="no",
-    logging_strategy="no",  # nothing to print; the step times come from a callback
-    disable_tqdm=True,
-)
+COMMON = TRAINER_SETTINGS
 
 
 def save_models(size: str, root: Path) -> tuple[str, str]:
@@ -98,22 +82,7 @@ def build(kind: str, student: str, teacher: str, size: str, out: Path):
 
 def run_once(kind, student, teacher, size, out, profile=False):
     """Build and train one trainer; return its StepTimes and its peak RSS increase in MiB."""
-    release_memory()
-    times = StepTimes()
-    with PeakRSS() as peak:
-        trainer = build(kind, student, teacher, size, out)
-        trainer.add_callback(times)
-        profiler = cProfile.Profile() if profile else None
-        if profiler:
-            profiler.enable()
-        trainer.train()
-        if profiler:
-            profiler.disable()
-            print(f"\n### cProfile, {kind}, {size}: the parts of a step, by cumulative time")
-            pstats.Stats(profiler).sort_stats("cumulative").print_stats(PROFILED)
-    del trainer
-    release_memory()
-    return times, peak.increase_mib
+    return train_measured(lambda: build(kind, student, teacher, size, out), f"{kind}, {size}", PROFILED if profile else None)
 
 
 def main():
@@ -131,19 +100,9 @@ def main():
             if i == 0:  # discarded: pays the one-time costs (lazy imports, thread pools) that would land on one trainer
                 for kind in ("ours", "trl"):
                     run_once(kind, student, teacher, size, tmp)
-            wall, cpu, mib = {"ours": [], "trl": []}, {"ours": [], "trl": []}, {"ours": [], "trl": []}
-            for round_ in range(cli.rounds):
-                for kind in ["ours", "trl"] if round_ % 2 == 0 else ["trl", "ours"]:
-                    profile = cli.profile and round_ == cli.rounds - 1
-                    times, peak = run_once(kind, student, teacher, size, tmp, profile)
-                    wall[kind] += times.wall[1:]  # the first step of each run is warm-up
-                    cpu[kind] += times.cpu[1:]
-                    mib[kind].append(peak)
-                    print(f"{size} round {round_} {kind}: wall {[round(s, 2) for s in times.wall]} s, "
-                          f"cpu {[round(s, 2) for s in times.cpu]} s, +{peak:.0f} MiB", flush=True)
-            for kind in ("ours", "trl"):
-                stats = statistics.median(wall[kind]), statistics.median(cpu[kind]), min(cpu[kind]), max(mib[kind])
-                rows.append((size, kind, *stats))
+            stats = alternating_rounds(lambda kind, profile: run_once(kind, student, teacher, size, tmp, profile),
+                                       cli.rounds, cli.profile, size)
+            rows += [(size, kind, *stats[kind]) for kind in ("ours", "trl")]
 
     print("\n| size | trainer | median step s (wall) | median step s (CPU) | min step s (CPU) | peak RSS MiB "
           "| ours/TRL: median wall, median CPU, min CPU, RSS |")

@@ -41,9 +41,6 @@ How it is measured (helpers in benchmarks/_measure.py).
 """
 
 import argparse
-import cProfile
-import pstats
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -51,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _measure import PeakRSS, StepTimes, release_memory  # noqa: E402
+from _measure import TRAINER_SETTINGS, alternating_rounds, train_measured  # noqa: E402
 from conftest import build_model, build_tokenizer  # noqa: E402  (also switches the hub off)
 
 import torch  # noqa: E402
@@ -66,22 +63,8 @@ from selfdistill.trainers import SelfDistillConfig, SelfDistillTrainer  # noqa: 
 # name: (hidden, layers, vocabulary or None for the tokenizer's), completion length, steps per run
 SIZES = {"tiny": ((64, 2, None), 16, 8), "medium": ((512, 8, 32768), 32, 4)}
 PROMPTS_PER_STEP, NUM_GENERATIONS = 4, 4
-COMMON = dict(
-    per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,
-    num_generations=NUM_GENERATIONS,
-    learning_rate=1e-5,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    seed=0,
-    bf16=False,
-    gradient_checkpointing=False,
-    use_cpu=True,
-    report_to="none",
-    save_strategy="no",
-    logging_strategy="no",  # the step times come from a callback
-    disable_tqdm=True,
-)
+COMMON = dict(TRAINER_SETTINGS, per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,
+              num_generations=NUM_GENERATIONS)
 TRL_SDPO = dict(teacher_model_kind="ema", teacher_update_rate=0.05, distillation_is_clip=2.0,
                 include_environment_feedback=True, distillation_weight=0.5)
 # pair: (our SelfDistillConfig fields, TRL trainer, TRL config, its fields)
@@ -153,22 +136,7 @@ def build(kind: str, pair: str, model: str, size: str, out: Path):
 
 def run_once(kind, pair, model, size, out, profile=False):
     """Build and train one trainer; return its StepTimes and its peak RSS increase in MiB."""
-    release_memory()
-    times = StepTimes()
-    with PeakRSS() as peak:
-        trainer = build(kind, pair, model, size, out)
-        trainer.add_callback(times)
-        profiler = cProfile.Profile() if profile else None
-        if profiler:
-            profiler.enable()
-        trainer.train()
-        if profiler:
-            profiler.disable()
-            print(f"\n### cProfile, {pair} {kind}, {size}: the parts of a step, by cumulative time")
-            pstats.Stats(profiler).sort_stats("cumulative").print_stats(PROFILED)
-    del trainer
-    release_memory()
-    return times, peak.increase_mib
+    return train_measured(lambda: build(kind, pair, model, size, out), f"{pair} {kind}, {size}", PROFILED if profile else None)
 
 
 def save_model(size: str, root: Path) -> str:
@@ -202,19 +170,9 @@ def main():
                 if i == 0 and j == 0:  # discarded: pays the process's one-time costs
                     for kind in ("ours", "trl"):
                         run_once(kind, pair, model, size, tmp)
-                wall, cpu, mib = {"ours": [], "trl": []}, {"ours": [], "trl": []}, {"ours": [], "trl": []}
-                for round_ in range(cli.rounds):
-                    for kind in ["ours", "trl"] if round_ % 2 == 0 else ["trl", "ours"]:
-                        profile = cli.profile and round_ == cli.rounds - 1
-                        times, peak = run_once(kind, pair, model, size, tmp, profile)
-                        wall[kind] += times.wall[1:]  # the first step of each run is warm-up
-                        cpu[kind] += times.cpu[1:]
-                        mib[kind].append(peak)
-                        print(f"{size} {pair} round {round_} {kind}: wall {[round(s, 2) for s in times.wall]} s, "
-                              f"cpu {[round(s, 2) for s in times.cpu]} s, +{peak:.0f} MiB", flush=True)
-                for kind in ("ours", "trl"):
-                    stats = statistics.median(wall[kind]), statistics.median(cpu[kind]), min(cpu[kind]), max(mib[kind])
-                    rows.append((size, pair, kind, *stats))
+                stats = alternating_rounds(lambda kind, profile: run_once(kind, pair, model, size, tmp, profile),
+                                           cli.rounds, cli.profile, f"{size} {pair}")
+                rows += [(size, pair, kind, *stats[kind]) for kind in ("ours", "trl")]
 
     print("\n| size | pair | trainer | median step s (wall) | median step s (CPU) | min step s (CPU) | peak RSS MiB "
           "| ours/TRL: median wall, median CPU, min CPU, RSS |")

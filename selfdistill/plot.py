@@ -60,11 +60,7 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
         ax.set_title("held-out pass@1")
         ax.set_xlabel("step")
         ax.legend()
-    fig.tight_layout()
-    output = output or os.path.join(run_dir, "curves.png")
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
-    return output
+    return _save(fig, output or os.path.join(run_dir, "curves.png"))
 
 
 def plot_comparison(root: str, methods: list[str], output: str | None = None) -> str:
@@ -88,8 +84,13 @@ def plot_comparison(root: str, methods: list[str], output: str | None = None) ->
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
+    return _save(fig, output or os.path.join(root, "curves.png"))
+
+
+def _save(fig, output: str) -> str:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    output = output or os.path.join(root, "curves.png")
     fig.savefig(output, dpi=100)
     plt.close(fig)
     return output

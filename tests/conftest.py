@@ -5,6 +5,8 @@ fails at once instead of hanging.
 """
 
 import os
+import signal
+import subprocess
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -143,3 +145,24 @@ def with_dense_advantages(trainer, batch: dict) -> dict:
         with torch.no_grad():
             trainer._compute_loss(trainer.model, batch)
     return batch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on 2
+    shared, busy cores two threads mostly wait on each other, and tiny models run up to ~10x faster on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stop_server(proc, log) -> None:
+    """Stop a server started with `start_new_session=True` (its whole process group), then close its log."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.close()

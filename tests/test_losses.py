@@ -17,6 +17,8 @@ from selfdistill.losses import (
     DEFAULT_CHUNK, importance_weights, jsd, jsd_on_teacher_topk, masked_mean, reverse_kl_advantage, token_logprobs,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors and models: see conftest
+
 TOL = dict(atol=1e-5, rtol=1e-5)
 BETAS = [0.0, 0.3, 0.5, 1.0]  # 0.3 as well: β and 1 − β swapped agree at 0.5
 # (top_k, support, add_tail); None = full vocabulary
@@ -30,16 +32,6 @@ SUPPORTS = [
 B, T, V, H = 2, 5, 11, 6
 # left and right padding and a hole: 7 valid rows, so chunk_size=3 leaves a partial chunk
 MASK = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: an OpenMP fork/join costs more than it saves, and on a loaded machine some ops (log_softmax)
-    then wait a whole scheduler slice (~15 ms) per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gen(seed):

@@ -18,23 +18,15 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-import selfdistill.rewards as rewards
 from conftest import with_dense_advantages
 from selfdistill.rewards import FEEDBACK_KEY
 from selfdistill.trainers.self_distill import TEACHER_CHECKPOINT_FILE, SelfDistillConfig, SelfDistillTrainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors and models: see conftest
+
 TEMPERATURE = 0.7  # ≠ 1, so a log-prob taken at the wrong temperature shows
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 THINK_PREFIX = "<think>\n\n</think>\n\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On 2 shared, busy cores torch's two intra-op threads mostly wait on each other: the tiny models here run about
-    # 10x faster on one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def question(i: int) -> str:

@@ -39,6 +39,8 @@ from selfdistill.context import Templates, teacher_prompt
 from selfdistill.rewards import add_feedback, completion_text
 from selfdistill.trainers import SelfDistillConfig, SelfDistillTrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors and models: see conftest
+
 # The default SDPO templates add about 70 tokens that the small fixture vocabulary spells nearly letter by letter:
 # they would quadruple the cost of every forward here and test nothing more. The trainer gets the same templates.
 TEMPLATES = Templates(reprompt="{prompt}{solution}{feedback}", feedback="\n{feedback_raw}")
@@ -89,15 +91,6 @@ def pretraining_example(rng: random.Random):
     if u < 0.7:  # (a) copy the code the feedback shows
         return with_context(name, code), code
     return question(name), code  # (b) an unknown name without context: any code
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On 2 shared, busy cores torch's two intra-op threads mostly wait on each other: tiny models run ~10x faster on one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_context_reader(tokenizer, seed: int = 0):

@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import stop_server
 from selfdistill.teachers import ModelTeacher
 
 pytestmark = pytest.mark.vllm
@@ -35,13 +36,7 @@ def teacher_server(teacher_dir, tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     yield proc, url
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    stop_server(proc, log)
 
 
 def _batch(tokenizer):

@@ -29,7 +29,6 @@ a fresh process).
 import gc
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from conftest import stop_server
 from selfdistill.rewards import FEEDBACK_KEY
 
 pytestmark = pytest.mark.vllm
@@ -217,13 +217,7 @@ def student_server(student_dir, tmp_path_factory):
          "--worker-extension-cls", "selfdistill.vllm_sync.CPUReloadWorkerExtension"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     yield f"http://127.0.0.1:{port}"
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    stop_server(proc, log)
 
 
 @pytest.fixture(scope="module")
