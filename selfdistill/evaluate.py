@@ -44,7 +44,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 50, seed: int = 0, 
     `task_options` are keyword arguments of the task builders, by task name; `reward_options` those of the rewards,
     by reward name (as in a training run's `reward_options`, so the evaluation grades like the training reward).
     The model generates in eval mode (then gets its mode back): a model just out of `trainer.train()` is in training
-    mode, and greedy decoding there gave SmolLM2 garbage ("4---------------") where eval mode gave "41 + 98 = 199".
+    mode with gradient checkpointing on (GRPOConfig's default), and `generate` there (transformers 5.19) gave SmolLM2
+    garbage ("4-----------") where eval mode, or training mode without checkpointing, gives "41 + 98 = 199".
     """
     with eval_mode(model):
         return _evaluate(model, tokenizer, tasks, n=n, seed=seed, temperature=temperature,
