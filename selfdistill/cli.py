@@ -137,19 +137,22 @@ def build_trainer(method: str, run: "RunArguments", config, model_path: str, tra
     return SelfDistillTrainer(model=model_path, reward_funcs=rewards, args=config, train_dataset=train_dataset)
 
 
+def _held_out(run: "RunArguments", config) -> dict:
+    """The held-out problems and generation length every evaluation of a run uses (model, baseline and teacher)."""
+    return dict(n=run.eval_size, seed=config.seed, max_new_tokens=config.max_completion_length,
+                task_options={run.dataset_name: run.dataset_options or {}})
+
+
 def _evaluate_into(run_dir: str, label_step: int, model, tokenizer, run: "RunArguments", config,
                    teacher=None) -> dict:
     """Evaluate and append `{task: [{step, pass@1, mean_reward}]}` to `run_dir/eval.json`; with a `teacher` (method
     'opd'), also the held-out reverse KL and acceptance of the student's samples (`evaluate.distill_metrics`)."""
     from .evaluate import distill_metrics, evaluate
 
-    results = evaluate(model, tokenizer, run.eval_tasks, n=run.eval_size, seed=config.seed,
-                       max_new_tokens=config.max_completion_length,
-                       task_options={run.dataset_name: run.dataset_options or {}}, reward_options=run.reward_options)
+    results = evaluate(model, tokenizer, run.eval_tasks, **_held_out(run, config), reward_options=run.reward_options)
     if teacher is not None:
-        close = distill_metrics(model, teacher, tokenizer, run.eval_tasks, n=run.eval_size, seed=config.seed,
-                                temperature=config.temperature, max_new_tokens=config.max_completion_length,
-                                task_options={run.dataset_name: run.dataset_options or {}})
+        close = distill_metrics(model, teacher, tokenizer, run.eval_tasks, **_held_out(run, config),
+                                temperature=config.temperature)
         for task in results:
             results[task].update(close[task])
     path = os.path.join(run_dir, "eval.json")
@@ -201,10 +204,8 @@ def train(argv: list[str]) -> dict:
                 table["before"] = _evaluate_into(method_config.output_dir, 0, trainer.model, trainer.processing_class,
                                                  run, config, teacher)
                 if teacher is not None:  # the teacher's own accuracy: the ceiling of pure distillation
-                    table["teacher"] = evaluate(teacher, trainer.processing_class, run.eval_tasks, n=run.eval_size,
-                                                seed=config.seed, max_new_tokens=config.max_completion_length,
-                                                task_options={run.dataset_name: run.dataset_options or {}},
-                                                reward_options=run.reward_options)
+                    table["teacher"] = evaluate(teacher, trainer.processing_class, run.eval_tasks,
+                                                **_held_out(run, config), reward_options=run.reward_options)
             else:
                 _record(method_config.output_dir, 0, table["before"])
         trainer.train()

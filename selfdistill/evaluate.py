@@ -14,26 +14,34 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .rewards import get_reward
 from .tasks import load_task
+from .teachers import ModelTeacher
 
 TASK_REWARDS = {"arithmetic": "accuracy", "humaneval": "code", "gsm8k": "accuracy", "math": "accuracy",
                 "deepmath": "accuracy", "openthoughts": "accuracy"}
+
+
+def _generated(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, batch_size: int,
+               desc: str):
+    """`(tokenized batch, generated ids)` per left-padded batch of chat or plain prompts; `temperature=0` is greedy."""
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+             for p in prompts]
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+        yield batch, model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    **sampling)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, batch_size: int,
              desc: str = "generate") -> list[str]:
     """Completions for chat or plain prompts, left-padded batches; `temperature=0` is greedy."""
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-             for p in prompts]
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             **sampling)
-        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
+    batches = _generated(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                         batch_size=batch_size, desc=desc)
+    return [text for batch, ids in batches
+            for text in tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 50, seed: int = 0, temperature: float = 0.0,
@@ -117,36 +125,25 @@ def distill_metrics(student, teacher, tokenizer, tasks: list[str], *, n: int = 5
     speculative-decoding acceptance of the student drafting for the teacher — the training metrics
     `distill/reverse_kl` and `distill/acceptance`, measured on a fixed prompt set before and after training.
     """
-    tokenizer.padding_side = "left"
     eos = student.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    scorers = [ModelTeacher(model, temperature, batch_size) for model in (student, teacher)]
     results = {}
     for task in tasks:
         dataset = load_task(task, split="test", n=n, seed=seed, **(task_options or {}).get(task, {}))
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list)
-                 else p for p in dataset["prompt"]]
         kl_sum = acc_sum = tokens = 0.0
         with torch.random.fork_rng(devices=[]), eval_mode(student, teacher):
             torch.manual_seed(seed)
-            for start in tqdm(range(0, len(texts), batch_size), desc=f"distill eval {task}", leave=False):
-                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(student.device)
-                ids = student.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                       top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
-                P = batch["input_ids"].shape[1]
-                completion = ids[:, P:]
-                is_eos = torch.zeros_like(completion, dtype=torch.bool)
-                for e in eos:
-                    is_eos |= completion == e
-                # Keep tokens up to and including the first EOS.
-                mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-                attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
-                logps = []
-                for model in (student, teacher):
-                    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, P - 1 : -1]
-                    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-                    logps.append(logp.gather(-1, completion.unsqueeze(-1)).squeeze(-1))
-                diff = (logps[0] - logps[1])[mask]
+            for batch, ids in _generated(student, tokenizer, dataset["prompt"], max_new_tokens=max_new_tokens,
+                                         temperature=temperature, batch_size=batch_size, desc=f"distill eval {task}"):
+                completion = ids[:, batch["input_ids"].shape[1] :]
+                is_eos = torch.isin(completion, eos.to(completion.device)).long()
+                mask = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first EOS
+                student_logp, teacher_logp = (
+                    scorer.score(batch["input_ids"], batch["attention_mask"], completion, mask.long()).logp_BT
+                    for scorer in scorers
+                )
+                diff = (student_logp - teacher_logp)[mask]
                 kl_sum += diff.sum().item()
                 acc_sum += (-diff).clamp(max=0).exp().sum().item()
                 tokens += mask.sum().item()
