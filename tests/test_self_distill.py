@@ -429,7 +429,7 @@ def test_parity_with_trl_sdpo_trainer(objective, tmp_path, tokenizer, student_di
     ours = SelfDistillTrainer(
         model=student_dir, reward_funcs=[contains_answer], train_dataset=parity_dataset(),
         args=SelfDistillConfig(output_dir=str(tmp_path / "ours"), mode="sdpo", objective=objective,
-                               context_sources=["sibling", "privileged_context"], teacher="ema", task_weight=0.0,
+                               context_sources=["sibling", "privileged_context"], teacher="ema", policy_weight=0.0,
                                distill_top_k=top_k, distill_beta=beta, distill_add_tail=True, **common),
     )
     calls = record_teacher_calls(ours)
@@ -470,12 +470,12 @@ def preset(**fields) -> SelfDistillConfig:
     return SelfDistillConfig(output_dir="unused", report_to="none", use_cpu=True, **fields)
 
 
-PRESET_FIELDS = ("context_sources", "teacher", "teacher_update_rate", "objective", "distill_beta", "distill_top_k",
+PRESET_FIELDS = ("num_generations", "context_sources", "teacher", "teacher_update_rate", "objective", "distill_beta", "distill_top_k",
                  "distill_add_tail", "distill_is_clip", "success_threshold", "kl_coef", "distill_loss_weight")
 DOCUMENTED = {  # trainers/self_distill.py module docstring
-    "sdpo": (("feedback", "sibling"), "ema", 0.05, "logits", 0.5, 100, True, 2.0, 1.0, 0.0, 1.0),
-    "sdft": (("demonstration",), "ema", 0.01, "logits", 0.0, None, False, None, 1.0, 0.0, 1.0),
-    "opsd": (("solution",), "base", 0.0, "logits", 0.5, None, False, None, 1.0, 0.0, 1.0),
+    "sdpo": (8, ("feedback", "sibling"), "ema", 0.05, "logits", 0.5, 100, True, 2.0, 1.0, 0.0, 1.0),
+    "sdft": (1, ("demonstration",), "ema", 0.01, "logits", 0.0, None, False, None, 1.0, 0.0, 1.0),
+    "opsd": (8, ("solution",), "base", 0.0, "logits", 0.5, None, False, None, 1.0, 0.0, 1.0),
 }
 
 
@@ -504,8 +504,81 @@ def test_explicit_fields_win_over_the_preset():
         (dict(mode="grpo"), "mode must be one of"),
         (dict(objective="full"), "objective must be"),
         (dict(context_sources=["feedback", "oracle"]), "context_sources must be among"),
+        (dict(num_generations=0), "num_generations must be >= 1"),
+        (dict(num_generations=1, context_sources=["sibling"]), "no sibling to show"),
     ],
 )
 def test_bad_settings_raise(fields, message):
     with pytest.raises(ValueError, match=message):
         preset(**fields)
+
+
+def test_one_generation_passes_grpo_validation_only_for_that_check():
+    config = preset(mode="sdft", per_device_train_batch_size=3)  # 3 prompts, one rollout each
+    assert type(config.num_generations) is int and config.num_generations == 1
+    assert config.generation_batch_size == 3
+    with pytest.raises(ValueError, match="must be divisible by the number of generations"):  # GRPO's other checks run
+        preset(mode="sdft", num_generations_eval=2, per_device_eval_batch_size=3, eval_strategy="steps")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. SDFT's one generation per prompt, and the blend with GRPO's reward advantage.
+
+
+def demonstration_dataset(n: int = 4) -> Dataset:
+    return dataset(n=n).add_column("demonstration", [f"{i} + 3 = {i + 3}" for i in range(n)])
+
+
+def text_reward(completions, **kwargs):
+    """A reward that differs between different texts, so GRPO's group advantage is not 0."""
+    return [float(sum(map(ord, c[0]["content"])) % 7) for c in completions]
+
+
+def test_sdft_preset_samples_one_rollout_per_prompt_and_trains(tmp_path, student_dir):
+    steps = 2
+    grads = RecordGradients()
+    with pytest.warns(UserWarning, match="policy_weight has no effect"):
+        trainer = make_trainer(tmp_path, student_dir, reward_funcs=[text_reward], mode="sdft", num_generations=None,
+                               max_steps=steps, callbacks=[grads], train_dataset=demonstration_dataset())
+    assert trainer.num_generations == 1
+    inputs, batch = one_batch(trainer)
+    prompts = [example["prompt"][-1]["content"] for example in inputs]
+    assert len(prompts) == 4 and len(set(prompts)) == 4  # four prompts, one rollout each
+    # GRPO's group advantage of a group of one is 0, not NaN, whatever the rewards (which differ here).
+    assert torch.equal(batch["advantages"], torch.zeros_like(batch["advantages"]))
+    assert batch["has_teacher"].all()  # every rollout has its demonstration
+
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == steps and all(math.isfinite(h["loss"]) for h in logs)
+    assert grads.all_finite == [True] * steps
+    assert all(h["distill/frac_with_teacher"] == 1.0 and h["distill/logit_loss"] > 0 for h in logs)
+
+
+def test_advantages_blend_policy_weight_times_the_group_advantage(tmp_path, student_dir):
+    rewards = []
+
+    def recorded_reward(completions, **kwargs):
+        values = text_reward(completions)
+        rewards.extend(values)
+        wrong_with_feedback(completions, **kwargs)
+        return values
+
+    trainer = make_trainer(tmp_path, student_dir, reward_funcs=[recorded_reward], objective="sampled_token",
+                           policy_weight=0.5, kl_coef=0.3)
+    calls = record_teacher_calls(trainer)
+    _, batch = one_batch(trainer)
+    r = torch.tensor(rewards).view(-1, trainer.num_generations)
+    a_group_B = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    assert a_group_B.abs().max() > 0.5  # rewards differ within groups
+
+    mask_BT = batch["completion_mask"].float()
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    logp_s = torch.stack([
+        torch.nn.functional.pad(reference_logprobs(student, p, c, TEMPERATURE), (0, len(m) - len(c)))
+        for p, c, m in zip(rows(batch["prompt_ids"], batch["prompt_mask"]),
+                           rows(batch["completion_ids"], batch["completion_mask"]), mask_BT)
+    ])
+    logp_t = calls[0][1].logp_BT
+    expected = 0.5 * a_group_B.unsqueeze(1) - 0.3 * (logp_s - logp_t)
+    torch.testing.assert_close(batch["advantages"] * mask_BT, expected * mask_BT, atol=1e-5, rtol=0)

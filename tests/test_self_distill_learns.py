@@ -182,9 +182,9 @@ def test_self_distillation_internalises_the_feedback(tmp_path, tokenizer, contex
             # decays with it (measured with 'live': −5.0 → −3.0 and → −8.0 on two seeds).
             teacher="ema",
             # Pure self-distillation (TRL SDPOTrainer's default distillation_weight=1): the teacher is the only signal,
-            # so the comparison with the reward-only GRPO control below is clean. (With the preset's task_weight=1
+            # so the comparison with the reward-only GRPO control below is clean. (With the default policy_weight=1
             # the reward term undoes most of the gain here: −5.0 → −4.7 and → −4.1 on two seeds.)
-            task_weight=0.0,
+            policy_weight=0.0,
         ),
         train_dataset=dataset,
         processing_class=tokenizer,

@@ -3,7 +3,10 @@ logit-level term.
 
 Per rollout b and completion token t (ARCHITECTURE.md, "Data flow of one step"):
 
-    A_bt = task_weight · A_group_b + kl_coef · a_bt,    a_bt = −(logp_S(x_t) − logp_T(x_t))   [detached]
+    A_bt = w · A_group_b + kl_coef · a_bt,    a_bt = −(logp_S(x_t) − logp_T(x_t))   [detached]
+
+where w weighs GRPO's group-normalised verifier-reward advantage: `task_weight` in OnPolicyDistillConfig,
+`policy_weight` in SelfDistillConfig (the names of their issues; `DistillConfig.group_advantage_weight` reads either).
 
 with an optional discount γ (`kl_discount`) turning a_bt into Σ_{s≥t} γ^{s−t} a_bs. GRPO's own loss (its
 `loss_type`, clipping and importance-sampling correction) consumes these `(B, T)` advantages unchanged. The
@@ -29,7 +32,6 @@ class DistillConfig(GRPOConfig):
         default=1.0,
         metadata={"help": "Weight of the sampled-token reverse-KL advantage (tinker-cookbook kl_penalty_coef=1)."},
     )
-    task_weight: float = field(default=1.0, metadata={"help": "Weight of GRPO's group-normalised reward advantage."})
     kl_discount: float = field(
         default=0.0, metadata={"help": "Discount γ: the KL advantage at t sums later terms γ^(s−t). 0 = per token."}
     )
@@ -56,6 +58,11 @@ class DistillConfig(GRPOConfig):
         default=None,
         metadata={"help": "Clip of the token-level IS weight exp(logp_now − logp_old) on the logit-level term."},
     )
+
+    @property
+    def group_advantage_weight(self) -> float:
+        """w of the module docstring: the weight of GRPO's group-normalised reward advantage."""
+        raise NotImplementedError
 
     def __post_init__(self):
         super().__post_init__()
@@ -145,7 +152,7 @@ class DenseDistillTrainer(GRPOTrainer):
         args, mode = self.args, "train" if self.model.training else "eval"
         logp_t, mask_BT = batch["teacher_logps"], batch["distill_mask"]
         kl_adv_BT = reverse_kl_advantage(student_logp_BT, logp_t, mask_BT, args.kl_discount)
-        batch["advantages"] = args.task_weight * batch["advantages"].unsqueeze(1) + args.kl_coef * kl_adv_BT
+        batch["advantages"] = args.group_advantage_weight * batch["advantages"].unsqueeze(1) + args.kl_coef * kl_adv_BT
         batch["student_logps_at_sampling"] = student_logp_BT
         self._log_distill_metrics(mode, student_logp_BT, logp_t, mask_BT, batch["has_teacher"])
 

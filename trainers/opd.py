@@ -23,6 +23,8 @@ from .core import DenseDistillTrainer, DistillConfig, no_reward
 class OnPolicyDistillConfig(DistillConfig):
     """GRPOConfig plus the distillation fields of `DistillConfig` and how to load the teacher."""
 
+    task_weight: float = field(default=1.0, metadata={"help": "Weight of GRPO's group-normalised reward advantage."})
+
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for the teacher's from_pretrained (e.g. dtype), like model_init_kwargs."},
@@ -34,6 +36,10 @@ class OnPolicyDistillConfig(DistillConfig):
     teacher_server_timeout: float = field(
         default=240.0, metadata={"help": "Seconds to wait for the teacher server at start before failing."}
     )
+
+    @property
+    def group_advantage_weight(self) -> float:
+        return self.task_weight
 
 
 class OnPolicyDistillTrainer(DenseDistillTrainer):

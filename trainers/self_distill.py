@@ -11,11 +11,16 @@ Presets (`mode=`), each default with its source:
   student's top-100 with a tail bucket, success threshold 1.0, IS clip 2.
 - `sdft` (Shenfeld et al. 2026, "Self-Distillation Enables Continual Learning", arXiv:2601.19897): demonstration context, EMA 0.01,
   forward KL (β=0) over the full vocabulary (the author confirmed the paper's results used it; `distill_top_k=20`
-  is the cheap option).
+  is the cheap option), one generation per prompt (the demonstration does not depend on siblings).
 - `opsd` (Zhao et al. 2026, "Self-Distilled Reasoner: On-Policy Self-Distillation for Large Language Models";
   siyan-zhao/OPSD): reference-solution context,
   frozen base teacher, JSD β=0.5.
-Any field set explicitly wins over the preset.
+`sdpo` and `opsd` sample GRPO's default 8 rollouts per prompt. Any field set explicitly wins over the preset.
+
+`policy_weight` (default 1) blends in GRPO's verifier-reward advantage: A = policy_weight · A_group + kl_coef · a.
+TRL's SDPOTrainer defaults to pure distillation (`distillation_weight=1`, i.e. policy_weight 0); we keep the blend on
+because pure self-distillation lost to plain GRPO on a small real model (ARCHITECTURE.md). With one generation per
+prompt A_group is 0 (GRPO has no group to compare with), so the weight has no effect there.
 """
 
 import os
@@ -35,17 +40,27 @@ from ..vllm_teacher import generation_engine_teacher
 from .core import DenseDistillTrainer, DistillConfig, no_reward
 
 PRESETS = {
-    "sdpo": dict(context_sources=("feedback", "sibling"), teacher="ema", teacher_update_rate=0.05,
+    "sdpo": dict(num_generations=8, context_sources=("feedback", "sibling"), teacher="ema", teacher_update_rate=0.05,
                  objective="logits", distill_beta=0.5, distill_top_k=100, distill_add_tail=True,
                  distill_is_clip=2.0, success_threshold=1.0),
-    "sdft": dict(context_sources=("demonstration",), teacher="ema", teacher_update_rate=0.01,
+    "sdft": dict(num_generations=1, context_sources=("demonstration",), teacher="ema", teacher_update_rate=0.01,
                  objective="logits", distill_beta=0.0, distill_top_k=None, distill_add_tail=False,
                  distill_is_clip=None, success_threshold=1.0),
-    "opsd": dict(context_sources=("solution",), teacher="base", teacher_update_rate=0.0,
+    "opsd": dict(num_generations=8, context_sources=("solution",), teacher="base", teacher_update_rate=0.0,
                  objective="logits", distill_beta=0.5, distill_top_k=None, distill_add_tail=False,
                  distill_is_clip=None, success_threshold=1.0),
 }
 TEACHER_CHECKPOINT_FILE = "self_teacher_weights.pt"
+
+
+class _OneGeneration(int):
+    """The int 1, except that it is not `< 2`: TRL 1.16's GRPOConfig refuses fewer than 2 generations per prompt, as
+    GRPO's group-relative advantage needs a group. Self-distillation does not (SDFT samples one rollout per prompt),
+    and GRPOTrainer itself handles a group of one (its advantage is then 0). Used only while GRPOConfig validates,
+    so that all its other checks (batch divisibility) see the real value 1."""
+
+    def __lt__(self, other):
+        return False if other == 2 else super().__lt__(other)
 
 
 @dataclass
@@ -53,6 +68,12 @@ class SelfDistillConfig(DistillConfig):
     """GRPOConfig + DistillConfig + what the self-teacher sees. Fields left at None take the `mode` preset."""
 
     mode: str = field(default="sdpo", metadata={"help": "Preset: 'sdpo', 'sdft' or 'opsd'."})
+    policy_weight: float = field(
+        default=1.0, metadata={"help": "Weight of GRPO's verifier-reward advantage, blended with the distillation term."}
+    )
+    num_generations: int | None = field(
+        default=None, metadata={"help": "Rollouts per prompt; None = preset (8, GRPO's default; 1 for sdft)."}
+    )
     teacher: str | None = field(default=None, metadata={"help": "'live', 'ema' or 'base'."})
     teacher_update_rate: float | None = field(default=None, metadata={"help": "EMA rate r: θ_T ← (1−r)θ_T + rθ."})
     objective: str | None = field(
@@ -107,7 +128,19 @@ class SelfDistillConfig(DistillConfig):
         self.context_sources = tuple(self.context_sources)
         if set(self.context_sources) - set(SOURCES):
             raise ValueError(f"context_sources must be among {SOURCES}, got {self.context_sources}")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
+        if self.num_generations == 1 and self.context_sources == ("sibling",):
+            raise ValueError("context_sources=('sibling',) needs num_generations >= 2: with one rollout per prompt "
+                             "there is no sibling to show.")
+        if self.num_generations == 1:
+            self.num_generations = _OneGeneration(1)
         super().__post_init__()
+        self.num_generations = int(self.num_generations)
+
+    @property
+    def group_advantage_weight(self) -> float:
+        return self.policy_weight
 
     @property
     def templates(self) -> Templates:
@@ -137,8 +170,10 @@ class SelfDistillTrainer(DenseDistillTrainer):
     def __init__(self, model, reward_funcs=None, args: SelfDistillConfig | None = None, **kwargs):
         if args is None:
             raise ValueError("SelfDistillTrainer needs a SelfDistillConfig (args=...).")
-        super().__init__(model, reward_funcs=reward_funcs or [no_reward], args=args,
-                         **kwargs)
+        super().__init__(model, reward_funcs=reward_funcs or [no_reward], args=args, **kwargs)
+        if reward_funcs and args.num_generations == 1 and args.policy_weight:
+            warnings.warn("num_generations=1: GRPO's group advantage of a single rollout is 0, so the rewards are only "
+                          "logged and used for the teacher's context; policy_weight has no effect.")
         on_vllm = args.teacher == "live" and args.use_vllm and args.teacher_on_vllm
         if on_vllm and args.distill_loss_weight:
             warnings.warn("teacher_on_vllm: the logit-level term (distill_loss_weight > 0) needs the teacher's hidden "
