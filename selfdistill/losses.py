@@ -107,7 +107,7 @@ class _ChunkedLoss(torch.autograd.Function):
             values.append(value)
             auxes.append(aux)
         ctx.aux = [torch.cat(a) for a in zip(*auxes)]  # derived, not inputs: no need for save_for_backward
-        return torch.cat(values) if values else xs_RX.new_zeros(0, dtype=dtype)
+        return torch.cat(values) if values else xs_RX.new_zeros((0, *rule.value_shape), dtype=dtype)
 
     @staticmethod
     @once_differentiable
@@ -149,7 +149,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def _apply(rule, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_head=None) -> torch.Tensor:
-    """Run `rule` on the unmasked rows and scatter the values into a `(B, T)` tensor, zero at masked positions."""
+    """Run `rule` on the unmasked rows and scatter the values into a `(B, T, *rule.value_shape)` tensor, zero at masked
+    positions."""
     B, T = mask_BT.shape
     index_N = mask_BT.reshape(-1).nonzero().squeeze(-1)
     ws, bs = (None, None) if student_head is None else (student_head.weight, student_head.bias)
@@ -160,7 +161,7 @@ def _apply(rule, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_h
             wt = teacher_head.weight.detach()
             bt = None if teacher_head.bias is None else teacher_head.bias.detach()
     values_N = _ChunkedLoss.apply(rule, index_N, student_BTX.reshape(B * T, -1), ws, bs, xt, wt, bt)
-    return values_N.new_zeros(B * T).index_copy(0, index_N, values_N).view(B, T)
+    return values_N.new_zeros((B * T, *rule.value_shape)).index_copy(0, index_N, values_N).view(B, T, *rule.value_shape)
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -176,22 +177,48 @@ def _compute_dtype(*tensors) -> torch.dtype:
 
 
 class _TokenLogprob:
-    """`f(z) = log_softmax(z)[token]`; `∂f/∂z = onehot(token) − softmax(z)`."""
+    """Columns of the per-row value: `log_softmax(z)[token]`, then optionally the entropy `H(softmax(z))` and the value
+    of an `inner` rule (a divergence) on the same student logits, so that one projection of the student's hidden
+    states serves both GRPO's policy log-probs and the distillation term.
 
-    forward_buffers, backward_buffers, student_in_backward, teacher_in_backward = 2, 1, True, False
+    Gradients: `∂ logp/∂z = onehot(token) − softmax(z)`, plus the inner rule's `∂f/∂z`. The entropy gets none (GRPO
+    uses it for logging and masking only): `H = lse(z) − Σ_v softmax(z)_v z_v`.
+    """
 
-    def __init__(self, tokens_R, temperature, chunk_size, dtype):
+    def __init__(self, tokens_R, temperature, chunk_size, dtype, entropy=False, inner=None):
         self.tokens_R1 = tokens_R[:, None]
         self.temperature, self.chunk_size, self.dtype = temperature, chunk_size, dtype
+        self.entropy, self.inner = entropy, inner
+        self.value_shape = (1 + entropy + (inner is not None),)
+        self.student_in_backward = True
+        self.teacher_in_backward = inner is not None and inner.teacher_in_backward
+        # Forward: the softmax buffer is free again before the inner rule runs, so both share the buffers. Backward:
+        # one more buffer than the inner rule, for the softmax the log-prob gradient needs (the inner rule overwrites
+        # the student logits).
+        self.forward_buffers = 2 if inner is None else max(2, inner.forward_buffers)
+        self.backward_buffers = 1 if inner is None else inner.backward_buffers + (1 if inner.student_in_backward else 2)
 
     def forward(self, zs, zt, work, idx):
         lse_n1 = _softmax(zs, work[0])
-        return (zs.gather(-1, self.tokens_R1[idx]) - lse_n1).clamp(min=LOG_FLOOR).squeeze(-1), lse_n1
+        columns = [(zs.gather(-1, self.tokens_R1[idx]) - lse_n1).clamp(min=LOG_FLOOR).squeeze(-1)]
+        if self.entropy:
+            columns.append(lse_n1.squeeze(-1) - _rowdot_(work[0], zs))
+        aux = [lse_n1]
+        if self.inner is not None:
+            value, *inner_aux = self.inner.forward(zs, zt, work, idx)
+            columns.append(value)
+            aux += inner_aux
+        return torch.stack(columns, dim=-1), *aux
 
-    def backward(self, zs, zt, work, idx, aux, go_n):
-        (lse_n1,) = aux
-        G = zs.sub_(lse_n1).exp_().mul_(-go_n[:, None])
-        return G.scatter_add_(-1, self.tokens_R1[idx], go_n[:, None])
+    def backward(self, zs, zt, work, idx, aux, go_nC):
+        lse_n1, *inner_aux = aux
+        go_n1 = go_nC[:, :1]
+        S = zs.sub_(lse_n1) if self.inner is None else torch.sub(zs, lse_n1, out=work[0])
+        G = S.exp_().mul_(-go_n1).scatter_add_(-1, self.tokens_R1[idx], go_n1)
+        if self.inner is None:
+            return G
+        zs_inner = zs if self.inner.student_in_backward else None
+        return G.add_(self.inner.backward(zs_inner, zt, work[1:], idx, inner_aux, go_nC[:, -1]))  # dense or sparse
 
 
 def token_logprobs(
@@ -201,19 +228,33 @@ def token_logprobs(
     *,
     head: Head | None = None,
     temperature: float = 1.0,
+    entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of given tokens: `logp_BT[b, t] = log_softmax(z_bt / τ)[tokens_BT[b, t]]`, floored at LOG_FLOOR.
 
     `x_BTX` are logits `(B, T, V)`, or hidden states `(B, T, H)` when `head` (an `nn.Linear`) maps them to logits.
     Computed per chunk of `chunk_size` rows; masked positions are skipped and return 0. Differentiable in `x_BTX`
     and in the head's weight and bias, with the analytic gradient `∂ logp / ∂z = onehot(token) − softmax(z)`.
+    With `entropy`, returns `(logp_BT, entropy_BT)`, the entropy `−Σ_v p_v log p_v` of the same distribution taken
+    from the same projection, detached (as GRPO's fused head gives it, for its metrics and entropy mask).
     """
     if mask_BT is None:
         mask_BT = torch.ones_like(tokens_BT, dtype=torch.bool)
     dtype = _compute_dtype(x_BTX, None if head is None else head.weight)
-    rule = _TokenLogprob(tokens_BT.reshape(-1), temperature, chunk_size, dtype)
-    return _apply(rule, mask_BT.bool(), x_BTX, head)
+    rule = _TokenLogprob(tokens_BT.reshape(-1), temperature, chunk_size, dtype, entropy=entropy)
+    out = _apply(rule, mask_BT.bool(), x_BTX, head)
+    return (out[..., 0], out[..., 1].detach()) if entropy else out[..., 0]
+
+
+def _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_head=None):
+    """`rule`'s values, or with `tokens_BT` also their log-probs and entropy from the same projection of the student:
+    `(value_BT, logp_BT, entropy_BT)` (see `_TokenLogprob`)."""
+    if tokens_BT is None:
+        return _apply(rule, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
+    both = _TokenLogprob(tokens_BT.reshape(-1), rule.temperature, rule.chunk_size, rule.dtype, entropy=True, inner=rule)
+    out = _apply(both, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
+    return out[..., 2], out[..., 0], out[..., 1].detach()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,6 +288,7 @@ class _FullJSD:
     """
 
     forward_buffers, backward_buffers, student_in_backward, teacher_in_backward = 4, 2, True, True
+    value_shape = ()
 
     def __init__(self, beta, temperature, chunk_size, dtype):
         self.beta, self.temperature, self.chunk_size, self.dtype = beta, temperature, chunk_size, dtype
@@ -305,6 +347,7 @@ class _TopkJSD:
     """
 
     forward_buffers, teacher_in_backward = 3, False  # zs, zt, softmax
+    value_shape = ()
 
     def __init__(self, beta, k, support, add_tail, vocab_size, temperature, chunk_size, dtype):
         self.beta, self.k, self.support, self.add_tail, self.V = beta, k, support, add_tail, vocab_size
@@ -363,8 +406,9 @@ def jsd(
     top_k: int | None = None,
     support: str = "student",
     add_tail: bool = False,
+    tokens_BT: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token generalized JSD_β between the student S and teacher T, `(B, T)`, zero at masked positions.
 
     β=0 is forward KL(T‖S), β=1 is reverse KL(S‖T), otherwise M = β·T + (1−β)·S and
@@ -380,6 +424,10 @@ def jsd(
     Inputs are logits `(B, T, V)` or hidden states with a head (see `token_logprobs`); student and teacher may differ
     in that respect and in hidden size. The teacher is detached: the gradient flows into the student (and its head)
     only, computed analytically (see `_FullJSD`, `_TopkJSD`).
+
+    With `tokens_BT` (the sampled tokens), returns `(jsd_BT, logp_BT, entropy_BT)`: also the student's log-probs of
+    those tokens (differentiable) and its entropy (detached), from the same projection of the student's hidden states,
+    so a trainer that needs both (GRPO's policy loss and the distillation term) projects them once.
     """
     if support not in ("student", "teacher"):
         raise ValueError(f"support must be 'student' or 'teacher', got {support!r}")
@@ -393,7 +441,7 @@ def jsd(
         rule = _FullJSD(beta, temperature, chunk_size, dtype)
     else:
         rule = _TopkJSD(beta, top_k, support, add_tail, V, temperature, chunk_size, dtype)
-    return _apply(rule, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
+    return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, teacher_BTX, teacher_head)
 
 
 class _GivenTopkJSD(_TopkJSD):
@@ -427,8 +475,9 @@ def jsd_on_teacher_topk(
     beta: float = 0.5,
     temperature: float = 1.0,
     add_tail: bool = False,
+    tokens_BT: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token JSD_β `(B, T)` on the teacher's top-k support when only that support is known: the K token ids
     `teacher_ids_BTK` and the teacher's log-probs on them `teacher_logp_BTK` (at temperature τ), as a vLLM-served
     teacher returns them (`prompt_logprobs`).
@@ -436,7 +485,8 @@ def jsd_on_teacher_topk(
     The same divergence as `jsd(..., top_k=K, support="teacher")`: both distributions restricted to the K tokens and
     renormalised, or with `add_tail` extended by the bucket of the remaining mass, for the teacher `1 − Σ_K p_T`
     (floored at `LOG_FLOOR` in log space; it cannot be summed directly without the teacher's logits). The K ids of
-    a position must be distinct. The student enters as logits or hidden states with `student_head`.
+    a position must be distinct. The student enters as logits or hidden states with `student_head`. `tokens_BT` as
+    in `jsd`.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -449,7 +499,7 @@ def jsd_on_teacher_topk(
     K = teacher_ids_BTK.shape[-1]
     rule = _GivenTopkJSD(teacher_ids_BTK.reshape(-1, K), teacher_logp_BTK.detach().reshape(-1, K), beta, add_tail, V,
                          temperature, chunk_size, dtype)
-    return _apply(rule, mask_BT.bool(), student_BTX, student_head)
+    return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -500,3 +500,92 @@ def test_given_teacher_topk_rejects_mismatched_shapes():
     ids = torch.zeros(B, T, 3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"\(B, T, K\)"):
         jsd_on_teacher_topk(torch.randn(B, T, V), None, ids, torch.zeros(B, T, 4), MASK)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One projection for both: the divergence plus the sampled tokens' log-probs and entropy (`tokens_BT=`), as the
+# trainers use it for GRPO's policy loss and the distillation term together.
+
+
+def ref_entropy(z_BTV, tau):
+    logp = (z_BTV.double() / tau).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("top_k,support,add_tail", SUPPORTS)
+def test_divergence_with_token_logprobs_equals_the_separate_functions(beta, top_k, support, add_tail):
+    """Values and gradients (of h, weight, bias) of `a·jsd + b·logp` equal the separate `jsd` and `token_logprobs`;
+    the entropy equals a plain −Σ p log p, at masked positions 0, without gradient."""
+    student_head, teacher_head = _heads(0)
+    h_s, h_t = torch.randn(B, T, H, generator=_gen(1)), torch.randn(B, T, H, generator=_gen(2))
+    tokens = torch.randint(V, (B, T), generator=_gen(3))
+    a, b = torch.randn(B, T, generator=_gen(4)), torch.randn(B, T, generator=_gen(5))
+    kw = dict(beta=beta, top_k=top_k, support=support, add_tail=add_tail, temperature=0.7, chunk_size=3,
+              student_head=student_head, teacher_head=teacher_head)
+    params = [student_head.weight, student_head.bias]
+
+    def run(fused):
+        h = h_s.clone().requires_grad_()
+        if fused:
+            div, logp, entropy = jsd(h, h_t, MASK, tokens_BT=tokens, **kw)
+            assert not entropy.requires_grad
+            with torch.no_grad():
+                expected = ref_entropy(student_head(h_s), 0.7) * MASK
+            torch.testing.assert_close(entropy.double(), expected, **TOL)
+        else:
+            div = jsd(h, h_t, MASK, **kw)
+            logp = token_logprobs(h, tokens, MASK, head=student_head, temperature=0.7, chunk_size=3)
+        return (div.detach(), logp.detach(), *torch.autograd.grad((a * div + b * logp).sum(), [h, *params]))
+
+    for x, y in zip(run(True), run(False)):
+        torch.testing.assert_close(x, y, **TOL)
+
+
+@pytest.mark.parametrize("add_tail", [False, True])
+def test_given_teacher_topk_with_token_logprobs_equals_the_separate_functions(add_tail):
+    K = 4
+    h_s = torch.randn(B, T, H, generator=_gen(1))
+    head = torch.nn.Linear(H, V)
+    z_t = 2 * torch.randn(B, T, V, generator=_gen(2))
+    ids = z_t.topk(K, dim=-1).indices
+    logp_t = z_t.log_softmax(-1).gather(-1, ids)
+    tokens = torch.randint(V, (B, T), generator=_gen(3))
+    a, b = torch.randn(B, T, generator=_gen(4)), torch.randn(B, T, generator=_gen(5))
+
+    def run(fused):
+        h = h_s.clone().requires_grad_()
+        if fused:
+            div, logp, _ = jsd_on_teacher_topk(h, head, ids, logp_t, MASK, add_tail=add_tail, tokens_BT=tokens)
+        else:
+            div = jsd_on_teacher_topk(h, head, ids, logp_t, MASK, add_tail=add_tail)
+            logp = token_logprobs(h, tokens, MASK, head=head)
+        return (div.detach(), logp.detach(), *torch.autograd.grad((a * div + b * logp).sum(), [h, head.weight]))
+
+    for x, y in zip(run(True), run(False)):
+        torch.testing.assert_close(x, y, **TOL)
+
+
+@pytest.mark.parametrize("top_k,support,add_tail", [SUPPORTS[0], SUPPORTS[1], SUPPORTS[2]])
+def test_divergence_with_token_logprobs_gradcheck(top_k, support, add_tail):
+    zs = _logits(0, (1, 3, 6)).double().requires_grad_()
+    zt = _logits(1, (1, 3, 6)).double()
+    tokens = torch.tensor([[2, 0, 5]])
+    kw = dict(beta=0.5, top_k=None if top_k is None else 3, support=support, add_tail=add_tail, temperature=0.7)
+
+    def both(x):
+        div, logp, _ = jsd(x, zt, GC_MASK, tokens_BT=tokens, **kw)
+        return div, logp
+
+    assert torch.autograd.gradcheck(both, (zs,))
+
+
+def test_token_logprobs_entropy_and_all_masked_rows():
+    z = _logits(0)
+    tokens = torch.randint(V, (B, T), generator=_gen(1))
+    logp, entropy = token_logprobs(z, tokens, MASK, temperature=0.7, entropy=True)
+    torch.testing.assert_close(logp, token_logprobs(z, tokens, MASK, temperature=0.7))
+    torch.testing.assert_close(entropy.double(), ref_entropy(z, 0.7) * MASK, **TOL)
+    none = torch.zeros_like(MASK)
+    div, logp, entropy = jsd(z.requires_grad_(), z, none, tokens_BT=tokens)
+    assert div.shape == logp.shape == entropy.shape == (B, T) and not (div.any() or logp.any())

@@ -106,16 +106,19 @@ def no_reward(completions, **kwargs) -> list[float]:
 class DenseDistillTrainer(GRPOTrainer):
     """GRPOTrainer whose advantages gain a dense per-token teacher term.
 
-    Overrides two GRPOTrainer methods, and nothing else:
+    Overrides three GRPOTrainer methods, and nothing else:
     - `_generate_and_score_completions`: after GRPO generates and rewards, score the completion tokens under the
       teacher; when GRPO computed the sampling log-probs (off-policy, vLLM), replace the `(B,)` advantages by the
       `(B, T)` ones of the module docstring right away;
-    - `_compute_loss`: on-policy, take the student's log-probs from GRPO's own loss forward (through a hook on the
-      backbone) and form the `(B, T)` advantages there, before GRPO's loss reads them: one student forward per step
-      fewer than scoring the student separately; then add the optional logit-level JSD term.
+    - `_get_per_token_logps_and_entropies`, inside GRPO's loss: one projection of the student's hidden states gives
+      the log-probs GRPO's loss needs and the logit-level term; on-policy, the `(B, T)` advantages are formed there
+      from those log-probs, before GRPO's loss reads them (no separate student pass for the sampling log-probs);
+    - `_compute_loss`: adds the optional logit-level JSD term.
 
     Subclasses set `self.teacher` (see `selfdistill.teachers`) and implement `_teacher_prompts`.
     """
+
+    _loss_inputs = None  # the batch, while `_compute_loss` runs
 
     def __init__(self, *args, **kwargs):
         with cpu_server_generation(self, kwargs["args"]):  # vLLM server mode with a CPU trainer
@@ -180,46 +183,66 @@ class DenseDistillTrainer(GRPOTrainer):
         self._metrics[mode]["distill/frac_with_teacher"].append((sums[6] / sums[7]).item())
 
     def _compute_loss(self, model, inputs):
-        # Hook GRPO's student forward instead of running the student again: its last hidden states (with their
-        # graph) feed the logit-level term; on-policy, the sampling log-probs are taken from them right after the
-        # forward, before GRPO reads the advantages.
+        # GRPO's loss asks `_get_per_token_logps_and_entropies` (below) for the student's log-probs; there, one
+        # projection of the student's hidden states gives them together with the logit-level term.
         args, mode = self.args, "train" if self.model.training else "eval"
-        completion_ids, mask_BT = inputs["completion_ids"], inputs["distill_mask"]
-        T = completion_ids.shape[1]
-        backbone, head = causal_lm_parts(model)
-        captured = []
-
-        def on_forward(module, hook_args, out):
-            hidden_s = out.last_hidden_state[:, -T - 1 : -1]  # position P−1+t predicts completion token t
-            captured.append(hidden_s)
-            if "student_logps_at_sampling" not in inputs:
-                with torch.no_grad():
-                    logp = token_logprobs(hidden_s, completion_ids, inputs["completion_mask"], head=head,
-                                          temperature=self.temperature)
-                self._add_dense_term(inputs, logp)
-
-        handle = backbone.register_forward_hook(on_forward)
+        self._loss_inputs = inputs
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
-            handle.remove()
+            self._loss_inputs = None
         if not args.distill_loss_weight:
             return loss
-        (hidden_s,) = captured  # GRPO's loss runs one forward over the whole micro-batch
-        logit_args = dict(beta=args.distill_beta, temperature=self.temperature, add_tail=args.distill_add_tail)
-        if "teacher_topk_ids" in inputs:  # a vLLM-served teacher: its top-k log-probs, not its hidden states
-            per_token = jsd_on_teacher_topk(hidden_s, head, inputs["teacher_topk_ids"], inputs["teacher_topk_logps"],
-                                            mask_BT, **logit_args)
-        else:
-            per_token = jsd(hidden_s, inputs["teacher_hidden"], mask_BT, student_head=head,
-                            teacher_head=self.teacher.head, top_k=args.distill_top_k, support=args.distill_support,
-                            **logit_args)
+        logp_now, per_token = self._student_terms
+        mask_BT = inputs["distill_mask"]
         # On-policy the IS weights are exactly 1: the log-probs at sampling came from this very forward.
         if args.distill_is_clip is not None and "old_per_token_logps" in inputs:
-            with torch.no_grad():
-                logp_now = token_logprobs(hidden_s, completion_ids, mask_BT, head=head, temperature=self.temperature)
             per_token = per_token * importance_weights(logp_now, inputs["student_logps_at_sampling"], args.distill_is_clip)
         distill_loss = masked_mean(per_token, mask_BT)
         self._metrics[mode]["distill/logit_loss"].append(self.accelerator.gather(distill_loss.detach()).mean().item())
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         return loss + args.distill_loss_weight * distill_loss / accumulation
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """Inside `_compute_loss`: the student's completion log-probs and entropies for GRPO's loss, and the logit-level
+        term, from one chunked projection of the hidden states (`losses.jsd(..., tokens_BT=)`), where GRPO's fused head
+        and the distillation term would each project them. On-policy, the `(B, T)` advantages are formed here from
+        these log-probs, before GRPO's loss reads them. GRPO's other uses (old and reference log-probs) are unchanged."""
+        inputs = self._loss_inputs
+        if inputs is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal)
+        if any(value is not None for value in multimodal.values()):
+            raise NotImplementedError("selfdistill's trainers take text-only prompts: the teacher scores token ids.")
+        args, completion_ids, completion_mask = self.args, inputs["completion_ids"], inputs["completion_mask"]
+        backbone, head = causal_lm_parts(model)
+        captured = []
+        handle = backbone.register_forward_hook(lambda module, hook_args, out: captured.append(out.last_hidden_state))
+        try:
+            router = {"output_router_logits": True} if compute_aux_loss else {}
+            with self.accelerator.autocast():  # through the wrapped model (DDP, FSDP, PEFT); the head on 1 position only
+                outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False,
+                                **router)
+        finally:
+            handle.remove()
+        hidden_s = captured[0][:, -logits_to_keep - 1 : -1]  # position P−1+t predicts completion token t
+        common = dict(temperature=self.temperature, tokens_BT=completion_ids)
+        per_token = None
+        if not args.distill_loss_weight:
+            logp, entropy = token_logprobs(hidden_s, completion_ids, completion_mask, head=head,
+                                           temperature=self.temperature, entropy=True)
+        elif "teacher_topk_ids" in inputs:  # a vLLM-served teacher: its top-k log-probs, not its hidden states
+            per_token, logp, entropy = jsd_on_teacher_topk(
+                hidden_s, head, inputs["teacher_topk_ids"], inputs["teacher_topk_logps"], completion_mask,
+                beta=args.distill_beta, add_tail=args.distill_add_tail, **common)
+        else:
+            per_token, logp, entropy = jsd(
+                hidden_s, inputs["teacher_hidden"], completion_mask, student_head=head, teacher_head=self.teacher.head,
+                beta=args.distill_beta, top_k=args.distill_top_k, support=args.distill_support,
+                add_tail=args.distill_add_tail, **common)
+        self._student_terms = (logp.detach(), per_token)
+        if "student_logps_at_sampling" not in inputs:
+            self._add_dense_term(inputs, logp.detach())
+        return logp, entropy, outputs.aux_loss if compute_aux_loss else None
