@@ -83,7 +83,9 @@ def score_only_completions_on_cpu() -> None:
     benchmarks/sdpo_vs_trl.py (16 rollouts, prompts of ~30 tokens, completions of 32) plain GRPOTrainer's step peaked
     at +1.9 GiB. This rebinds the name `_use_triton` in that module only, where it picks the compact layout, to be
     true on CPU as well; which kernel runs (`trl.kernels.chunked_logprob` keeps its own name) and other devices are
-    unchanged. The values are the same, only fewer rows are computed.
+    unchanged. The values are the same, only fewer rows are computed. Our loss projects the student itself (see
+    `DenseDistillTrainer._get_per_token_logps_and_entropies`); GRPO's fused head still computes the log-probs at
+    sampling when they differ from the loss's (vLLM, several iterations per batch) and the reference model's.
     """
     import trl.trainer.utils as trl_utils
 
