@@ -121,6 +121,7 @@ class DenseDistillTrainer(GRPOTrainer):
     """
 
     _loss_inputs = None  # the batch, while `_compute_loss` runs
+    _student_terms = None  # (log-probs, logit-level term) of that batch, from `_get_per_token_logps_and_entropies`
 
     def __init__(self, *args, **kwargs):
         with cpu_server_generation(self, kwargs["args"]):  # vLLM server mode with a CPU trainer
@@ -191,11 +192,11 @@ class DenseDistillTrainer(GRPOTrainer):
         self._loss_inputs = inputs
         try:
             loss = super()._compute_loss(model, inputs)
-        finally:
-            self._loss_inputs = None
+            logp_now, per_token = self._student_terms
+        finally:  # neither the batch nor the term's graph outlives the step
+            self._loss_inputs = self._student_terms = None
         if not args.distill_loss_weight:
             return loss
-        logp_now, per_token = self._student_terms
         mask_BT = inputs["distill_mask"]
         # On-policy the IS weights are exactly 1: the log-probs at sampling came from this very forward.
         if args.distill_is_clip is not None and "old_per_token_logps" in inputs:
