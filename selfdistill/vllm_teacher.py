@@ -80,10 +80,9 @@ def scores_from_prompt_logprobs(positions_B: list[list[dict[int, float] | None]]
         raise RuntimeError(f"{source} returned no finite log-prob for some completion tokens (or fewer than top_k="
                            f"{top_k} candidates); refusing to train on missing teacher scores.")
     device = completion_ids.device
-    if not top_k:
-        return TeacherScores(logp_BT.nan_to_num(0.0).to(device))
-    return TeacherScores(logp_BT.nan_to_num(0.0).to(device), topk_ids_BTK=topk_ids.to(device),
-                         topk_logp_BTK=topk_logp.nan_to_num(0.0).to(device))
+    return TeacherScores(logp_BT.nan_to_num(0.0).to(device),
+                         topk_ids_BTK=topk_ids.to(device) if top_k else None,
+                         topk_logp_BTK=topk_logp.nan_to_num(0.0).to(device) if top_k else None)
 
 
 def unpadded(ids_BL: torch.Tensor, mask_BL: torch.Tensor) -> list[list[int]]:
