@@ -29,8 +29,10 @@ A reward of your own adds feedback in a few lines::
 
 Rewards and their columns
 -------------------------
-- `MathAccuracy` ("accuracy"): math-verify equivalence of the last `\\boxed{}` (or "Answer:" line) with the gold in
-  column `solution` (or `answer`); time-bounded in worker processes, safe off the main thread.
+- `MathAccuracy` ("accuracy"): the one final answer (`\\boxed{}` or "Answer:" line) against the gold in column
+  `solution` (or `answer`): exact for numeric golds, which demand a number (not an expression); math-verify
+  equivalence for symbolic ones, time-bounded in worker processes, safe off the main thread. The rules that keep it
+  from being gamed are in `rewards/answers.py`.
 - `think_format`, `boxed_format`, `overlong_penalty(max_length, cache_length)`: format and length.
 - `CodeTests` ("code"): runs the completion's program against column `tests` (optional `entry_point`,
   `code_prompt`) in a subprocess sandbox with time, memory, process, output and network limits.
@@ -41,12 +43,14 @@ Rewards accept and ignore unknown keyword arguments (TRL's `trainer_state`, `log
 from .code import CodeTests, build_program, extract_code
 from .feedback import FEEDBACK_KEY, add_feedback, completion_text
 from .format import boxed_format, overlong_penalty, think_format, think_problem
-from .math import MathAccuracy, MathVerifier, extract_answer, gold_answer, last_boxed
+from .answers import Answer, final_answer, gold_answer, last_boxed, number_values
+from .math import MathAccuracy, MathVerifier
 from .sandbox import Sandbox, SandboxLimits, SandboxResult
 
 __all__ = [
     "FEEDBACK_KEY",
     "CodeTests",
+    "Answer",
     "MathAccuracy",
     "MathVerifier",
     "Sandbox",
@@ -56,11 +60,12 @@ __all__ = [
     "boxed_format",
     "build_program",
     "completion_text",
-    "extract_answer",
+    "final_answer",
     "extract_code",
     "get_reward",
     "gold_answer",
     "last_boxed",
+    "number_values",
     "overlong_penalty",
     "think_format",
     "think_problem",

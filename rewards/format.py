@@ -4,7 +4,7 @@ Each says what was wrong through the feedback channel (and TRL's completions tab
 """
 
 from .feedback import add_feedback, completion_text
-from .math import last_boxed
+from .answers import last_boxed
 
 
 def think_problem(text: str) -> str | None:

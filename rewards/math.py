@@ -13,7 +13,6 @@ script that has no `if __name__ == "__main__"` guard.
 """
 
 import json
-import re
 import select
 import subprocess
 import sys
@@ -23,86 +22,12 @@ import weakref
 from collections import deque
 from pathlib import Path
 
+from .answers import Answer, answer_problem_with_number, final_answer, gold_answer, number_values, restates
 from .feedback import add_feedback, completion_text
 
 NO_ANSWER = "no final answer found (expected \\boxed{...})"
+NO_NUMBER = "no final answer found (expected one number)"
 _WORKER_SCRIPT = str(Path(__file__).with_name("_math_worker.py"))
-_BOXED_TRIES = 8  # how many trailing \boxed occurrences to try; bounds the scan of a huge malformed completion
-_MAX_BRACES = 10_000  # an answer with more braces than this counts as malformed
-_BRACES = re.compile(r"[{}]")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last well-formed `\\boxed{...}` in `text` (balanced braces), or None."""
-    end = len(text)
-    for _ in range(_BOXED_TRIES):
-        start = text.rfind("\\boxed", 0, end)
-        if start < 0:
-            return None
-        content = _braced(text, start + len("\\boxed"))
-        if content is not None:
-            return content
-        end = start
-    return None
-
-
-def _braced(text: str, i: int) -> str | None:
-    """Content of the `{...}` group opening at `text[i]` (after optional spaces); None if absent or unbalanced.
-
-    Only brace characters are visited, at most `_MAX_BRACES` of them, so a huge or brace-spammed text stays cheap.
-    """
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    for count, brace in enumerate(_BRACES.finditer(text, i)):
-        if count == _MAX_BRACES:
-            return None
-        depth += 1 if brace.group() == "{" else -1
-        if depth == 0:
-            return text[i + 1 : brace.start()]
-    return None
-
-
-def extract_answer(text: str, last_number: bool = False) -> str | None:
-    """The final answer of a completion: the last `\\boxed{...}`, else the last "Answer: ..." line, else None.
-
-    "Answer:" lines may carry markdown decoration ("**Final answer:** 42"); surrounding `$`, `*` and a trailing
-    period are stripped. Line-by-line string tests, no backtracking regex, so a 1 MB completion is cheap.
-    `last_number=True` adds a lenient last resort: the last number written anywhere ("17 + 25 = 32." gives "32"),
-    with thousands separators "1,234" read as 1234. Small instruct models answer arithmetic in such plain sentences
-    and almost never write `\\boxed{}`, so a strict grader scores every rollout 0 and GRPO gets no signal.
-    """
-    boxed = last_boxed(text)
-    if boxed and boxed.strip():
-        return boxed.strip()
-    for line in reversed(text.splitlines()):
-        head, colon, value = line.partition(":")
-        if colon and head.strip(" \t*#>-_").lower() in ("answer", "final answer"):
-            value = value.strip(" \t*$").rstrip(".").strip(" \t*$")
-            if value:
-                return value
-    if last_number:
-        numbers = _NUMBER.findall(text[-2000:].replace(",", ""))
-        return numbers[-1] if numbers else None
-    return None
-
-
-def gold_answer(solution) -> str | None:
-    """The gold answer in a dataset's `solution` (or `answer`) value, or None when it is empty.
-
-    Accepts a bare answer ("42", "\\frac12", "$0.5$"), a full worked solution ending in `\\boxed{...}` (MATH), or a
-    gsm8k answer ending in "#### 72". Numbers are turned into strings.
-    """
-    text = "" if solution is None else str(solution).strip()
-    if "\\boxed" in text:
-        text = last_boxed(text) or ""
-    elif "####" in text:
-        text = text.rsplit("####", 1)[1]
-    text = text.strip().strip("$").strip()
-    return text or None
 
 
 def _shorten(text: str, limit: int = 100) -> str:
@@ -158,6 +83,8 @@ class MathVerifier:
             self._pool.clear()
 
     def judge(self, pairs: list[tuple[str, str | None]]) -> list[str]:
+        if not pairs:  # no process is started for nothing (numeric golds never need one)
+            return []
         with self._lock:
             while len(self._pool) < self.workers:
                 self._pool.append(_Worker(self.startup_timeout_s))
@@ -204,24 +131,28 @@ class MathVerifier:
 
 
 class MathAccuracy:
-    """Reward 1.0 when the completion's final answer equals the gold answer under math-verify, else 0.0.
+    """Reward 1.0 when the completion's one final answer equals the gold answer, else 0.0; hardened against gaming.
 
-    The final answer is the last `\\boxed{...}`, else the last "Answer: ..." line (`extract_answer`). The gold comes
-    from the `solution` column (or `answer`), as a bare answer, a worked solution with `\\boxed{}` or a gsm8k
-    "#### N" (`gold_answer`); both are parsed as `\\boxed{...}` and compared with `verify(gold, answer)` (gold first).
-    Equivalent forms match: `1/2`, `0.5`, `\\frac12`. A gold that is empty or does not parse gives None (TRL skips
-    the row), not 0.
+    The final answer and the rules that make the grade hard to game are in `selfdistill.rewards.answers` (its
+    docstring): one candidate only (several boxes or "42 or 43" are wrong); for a numeric gold, a number literal
+    compared exactly (an expression such as "123 + 456" is wrong, whatever it evaluates to); for a symbolic gold, no
+    verbatim restatement of the problem, then math-verify equivalence (`verify(gold, answer)`, gold first, in worker
+    processes with a wall-clock budget per answer). The gold comes from the `solution` column (or `answer`), as a bare
+    answer, a worked solution with `\\boxed{}` or a gsm8k "#### N" (`gold_answer`). Equivalent forms match: `0.5`,
+    `1/2`, `\\frac12`; `1,234` and `1234`. A gold that is empty or does not parse gives None (TRL skips the row).
+    The problem's text is the last user message of TRL's `prompts` argument.
 
-    Feedback per rollout (None when correct): "no final answer found (expected \\boxed{...})", "your final answer X
-    is incorrect", "your final answer X could not be verified within T s", "your final answer is too long to check
-    (N characters)", followed by "the correct answer is Y" when `reveal_solution=True`. It goes to the feedback
-    channel and to TRL's completions table as column `feedback_<name>`.
+    Feedback per rollout (None when correct), for the feedback channel and TRL's completions table (column
+    `feedback_<name>`): "your final answer X is incorrect", "your answer 123 + 456 is an expression, not a number",
+    "your answer gives several candidates (41, 42); give exactly one final answer", "your \\boxed{} is empty", ...;
+    followed by "the correct answer is Y" when `reveal_solution=True`.
 
-    `last_number=True` grades the last number of a completion that has neither (`extract_answer`): a lenient
-    option for small models that answer in plain text. Use the same options for the training reward and the
-    evaluation (the CLI's held-out evaluation takes the run's `reward_options`), for every method compared.
+    `last_number=True` grades a completion that has neither a box nor an "Answer:" line by the one number it
+    commits to (rule 4 of `answers`): a lenient reading for small models that answer in plain sentences, strict about
+    several numbers. Use the same options for the training reward and the evaluation (the CLI's evaluations take the
+    run's `reward_options`), for every method compared.
 
-    Holds its own `MathVerifier` (worker processes with a per-answer timeout); call `close()` to stop them early.
+    Holds its own `MathVerifier` (started only when a symbolic gold needs it); call `close()` to stop it early.
     """
 
     def __init__(
@@ -243,37 +174,67 @@ class MathAccuracy:
         """Stop the math-verify worker processes now (they restart on the next call)."""
         self.verifier.close()
 
-    def __call__(self, completions, solution=None, answer=None, **kwargs) -> list[float | None]:
+    def __call__(self, completions, solution=None, answer=None, prompts=None, **kwargs) -> list[float | None]:
         golds = solution if solution is not None else answer
         if golds is None:
             raise ValueError(f"the {self.__name__} reward needs a `solution` (or `answer`) dataset column")
         golds = [gold_answer(g) for g in golds]
-        answers = [extract_answer(completion_text(c), self.last_number) for c in completions]
-        too_long = [a is not None and len(a) > self.max_answer_chars for a in answers]
-        asked = [i for i, g in enumerate(golds) if g is not None]
-        statuses = ["bad_gold"] * len(golds)
-        verdicts = self.verifier.judge([(golds[i], None if too_long[i] else answers[i]) for i in asked])
-        for i, status in zip(asked, verdicts, strict=True):
+        problems = [problem_text(p) for p in prompts] if prompts is not None else [""] * len(golds)
+        answers = [final_answer(completion_text(c), p, self.last_number) for c, p in zip(completions, problems)]
+        statuses = [self._status(*row) for row in zip(golds, answers, problems, strict=True)]
+        symbolic = [i for i, s in enumerate(statuses) if s == "verify"]
+        verdicts = self.verifier.judge([(golds[i], answers[i].text) for i in symbolic])
+        for i, status in zip(symbolic, verdicts, strict=True):
             statuses[i] = status
 
         rewards = [None if s == "bad_gold" else float(s == "correct") for s in statuses]
-        feedback = [self._explain(*row) for row in zip(golds, answers, too_long, statuses, strict=True)]
+        feedback = [self._explain(*row) for row in zip(golds, answers, statuses, strict=True)]
         add_feedback(kwargs, feedback, log_column=f"feedback_{self.__name__}")
         return rewards
 
-    def _explain(self, gold: str | None, answer: str | None, too_long: bool, status: str) -> str | None:
+    def _status(self, gold: str | None, found: Answer, problem: str) -> str:
+        """The verdict that needs no math-verify, or "verify" for a symbolic gold's well-formed answer."""
+        if gold is None:
+            return "bad_gold"
+        if found.problem is not None:
+            return found.problem
+        if len(found.text) > self.max_answer_chars:
+            return "too_long"
+        gold_values = number_values(gold)
+        if gold_values is not None:
+            values = number_values(found.text)
+            if values is None:
+                return answer_problem_with_number(found.text)
+            return "correct" if values & gold_values else "wrong"
+        return "restated" if restates(found.text, problem) else "verify"
+
+    def _explain(self, gold: str | None, found: Answer, status: str) -> str | None:
         """The feedback for one rollout; None when it is correct or skipped."""
         if status in ("correct", "bad_gold"):
             return None
-        if too_long:
-            text = f"your final answer is too long to check ({len(answer)} characters)"
-        elif status == "no_answer":
-            text = NO_ANSWER
-        elif status == "timeout":
-            limit = self.verifier.timeout_s
-            text = f"your final answer {_shorten(answer)} could not be verified within {limit:g} s"
-        else:  # "wrong", or "error": math-verify could not make sense of it
-            text = f"your final answer {_shorten(answer)} is incorrect"
+        answer = None if found.text is None else _shorten(found.text)
+        texts = {
+            "no_answer": NO_NUMBER if self.last_number else NO_ANSWER,
+            "empty_box": "your \\boxed{} is empty",
+            "several": f"your answer gives several candidates ({answer}); give exactly one final answer",
+            "restated": (f"your answer only restates the question's expression {answer} instead of evaluating it"
+                         if found.problem == "restated" else
+                         f"your answer {answer} restates the problem instead of solving it"),
+            "too_long": f"your final answer is too long to check ({len(found.text or '')} characters)",
+            "expression": f"your answer {answer} is an expression, not a number",
+            "not_number": f"your answer {answer} is not a number",
+            "timeout": f"your final answer {answer} could not be verified within {self.verifier.timeout_s:g} s",
+        }
+        # "wrong", or "error": math-verify could not make sense of it
+        text = texts.get(status, f"your final answer {answer} is incorrect")
         if self.reveal_solution:
             text += f"; the correct answer is {_shorten(gold)}"
         return text
+
+
+def problem_text(prompt) -> str:
+    """The problem a prompt poses: a plain prompt, or the last user message of a chat prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [message for message in prompt if message.get("role") == "user"]
+    return completion_text(users[-1:]) if users else ""

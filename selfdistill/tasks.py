@@ -17,7 +17,7 @@ from functools import partial
 
 from datasets import Dataset
 
-from selfdistill.rewards.math import last_boxed
+from selfdistill.rewards.answers import last_boxed
 
 BOXED_INSTRUCTION = "Put the final answer in \\boxed{}."
 CODE_INSTRUCTION = "Complete the following Python function. Reply with the whole function in a ```python code block."

@@ -15,7 +15,7 @@ from selfdistill.rewards import (
     add_feedback,
     boxed_format,
     completion_text,
-    extract_answer,
+    final_answer,
     think_format,
     think_problem,
 )
@@ -136,11 +136,11 @@ def test_plain_grpo_trainer_logs_aligned_feedback(student_dir, tokenizer, tmp_pa
         assert list(logs["extra"]["feedback_echo"]) == [f"echo {_digest(t)}" for t in completions]
         # the tiny model emits junk; each row's math feedback must be about that row's own answer
         for text, feedback in zip(completions, logs["extra"]["feedback_accuracy"], strict=True):
-            answer = extract_answer(text)
+            answer = final_answer(text).text
             if answer is None:
-                assert feedback == "no final answer found (expected \\boxed{...})"
+                assert feedback in ("no final answer found (expected \\boxed{...})", "your \\boxed{} is empty")
             else:
-                assert feedback is None or feedback.startswith(f"your final answer {answer[:50]}")
+                assert feedback is None or answer[:50] in feedback
         # ... and the parquet files TRL writes at each logging step.
         files = sorted(glob.glob(os.path.join(tmp_path, "completions", "*.parquet")))
         assert len(files) == 2
