@@ -37,7 +37,7 @@ class DistillConfig(GRPOConfig):
     )
     teacher_logp_threshold: float = field(
         default=math.log(0.01),
-        metadata={"help": "Logged metric: fraction of sampled tokens whose teacher log-prob is below this (p<1%)."},
+        metadata={"help": "Logged metric: fraction of sampled tokens whose teacher log-prob is below this (log 0.01: p < 0.01)."},
     )
     distill_loss_weight: float = field(
         default=0.0, metadata={"help": "Weight of the logit-level JSD_β term (GKD-style). 0 turns it off."}
