@@ -47,3 +47,11 @@ def completion_text(completion) -> str:
         else:
             parts.extend(part.get("text", "") for part in content if part.get("type") == "text")
     return "".join(parts)
+
+
+def problem_text(prompt) -> str:
+    """The problem a prompt poses: a plain prompt, or the last user message of a chat prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [message for message in prompt if message.get("role") == "user"]
+    return completion_text(users[-1:]) if users else ""

@@ -23,7 +23,7 @@ from collections import deque
 from pathlib import Path
 
 from .answers import Answer, answer_problem_with_number, final_answer, gold_answer, number_values, restates
-from .feedback import add_feedback, completion_text
+from .feedback import add_feedback, completion_text, problem_text
 
 NO_ANSWER = "no final answer found (expected \\boxed{...})"
 NO_NUMBER = "no final answer found (expected one number)"
@@ -231,10 +231,3 @@ class MathAccuracy:
             text += f"; the correct answer is {_shorten(gold)}"
         return text
 
-
-def problem_text(prompt) -> str:
-    """The problem a prompt poses: a plain prompt, or the last user message of a chat prompt."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [message for message in prompt if message.get("role") == "user"]
-    return completion_text(users[-1:]) if users else ""

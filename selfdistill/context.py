@@ -23,6 +23,9 @@ DEMONSTRATION_TEMPLATE = (
 )
 SOURCES = ("feedback", "sibling", "solution", "demonstration", "privileged_context")
 _THINK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+_WORD = re.compile(r"[a-z0-9']+")
+LEAK_NGRAM = 4  # words: long enough that a shared phrase is a borrowing, short enough to catch "the correct answer is"
 
 
 @dataclass(frozen=True)
@@ -133,3 +136,28 @@ def teacher_prompts(
             )
         )
     return out
+
+
+def word_ngrams(text: str, n: int = LEAK_NGRAM) -> set[tuple[str, ...]]:
+    """The word n-grams of `text`, lowercased, punctuation dropped."""
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def context_leakage(completions: list[str], prompt_texts: list[str], feedbacks: list[str | None],
+                    templates: Templates = Templates(), n: int = LEAK_NGRAM) -> float:
+    """Share of `completions` that reuse a phrase found only in what the teacher is shown.
+
+    The phrases are the word n-grams of the templates' own text (placeholders removed) and of the rollouts'
+    feedback, minus those of the student's prompts: "correctly solve the original question", "the correct answer is".
+    A student that starts writing them has learnt the teacher's context rather than the task (seen here: "The correct
+    answer is N" in the student's own answers). Successful siblings and demonstrations are the student's or the
+    data's own words and are not counted.
+    """
+    shown = [_PLACEHOLDER.sub(" ", t) for t in (templates.reprompt, templates.solution, templates.feedback,
+                                                 templates.demonstration)]
+    phrases = set().union(*(word_ngrams(text, n) for text in shown + [f for f in feedbacks if f]))
+    phrases -= set().union(set(), *(word_ngrams(text, n) for text in prompt_texts))
+    if not completions:
+        return 0.0
+    return sum(bool(word_ngrams(c, n) & phrases) for c in completions) / len(completions)

@@ -76,6 +76,18 @@ def _rowdot_(a_nV: torch.Tensor, b_nV: torch.Tensor) -> torch.Tensor:
     return a_nV.mul_(b_nV).sum(-1)
 
 
+def _record(stats: dict | None, key: str, value: torch.Tensor) -> None:
+    """`stats[key] += value` (detached), for the diagnostics a caller asked for with `stats=`."""
+    if stats is not None:
+        stats[key] = stats.get(key, 0.0) + value.detach()
+
+
+def _record_grad(stats: dict | None, key: str, G: torch.Tensor) -> None:
+    """Accumulate `‖G‖²` (a dense or a `_TopkJSD` sparse gradient with respect to the logits) into `stats[key]`."""
+    if stats is not None:
+        _record(stats, key, torch.linalg.vector_norm(G).square())
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Per-row values `f(z_s, z_t)` of the unmasked rows, chunk by chunk; `rule` supplies f and `∂f/∂z_s`.
 
@@ -185,10 +197,10 @@ class _TokenLogprob:
     uses it for logging and masking only): `H = lse(z) − Σ_v softmax(z)_v z_v`.
     """
 
-    def __init__(self, tokens_R, temperature, chunk_size, dtype, entropy=False, inner=None):
+    def __init__(self, tokens_R, temperature, chunk_size, dtype, entropy=False, inner=None, stats=None):
         self.tokens_R1 = tokens_R[:, None]
         self.temperature, self.chunk_size, self.dtype = temperature, chunk_size, dtype
-        self.entropy, self.inner = entropy, inner
+        self.entropy, self.inner, self.stats = entropy, inner, stats
         self.value_shape = (1 + entropy + (inner is not None),)
         self.student_in_backward = True
         self.teacher_in_backward = inner is not None and inner.teacher_in_backward
@@ -215,6 +227,7 @@ class _TokenLogprob:
         go_n1 = go_nC[:, :1]
         S = zs.sub_(lse_n1) if self.inner is None else torch.sub(zs, lse_n1, out=work[0])
         G = S.exp_().mul_(-go_n1).scatter_add_(-1, self.tokens_R1[idx], go_n1)
+        _record_grad(self.stats, "grad_sq_logp", G)
         if self.inner is None:
             return G
         zs_inner = zs if self.inner.student_in_backward else None
@@ -230,6 +243,7 @@ def token_logprobs(
     temperature: float = 1.0,
     entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    stats: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of given tokens: `logp_BT[b, t] = log_softmax(z_bt / τ)[tokens_BT[b, t]]`, floored at LOG_FLOOR.
 
@@ -238,11 +252,12 @@ def token_logprobs(
     and in the head's weight and bias, with the analytic gradient `∂ logp / ∂z = onehot(token) − softmax(z)`.
     With `entropy`, returns `(logp_BT, entropy_BT)`, the entropy `−Σ_v p_v log p_v` of the same distribution taken
     from the same projection, detached (as GRPO's fused head gives it, for its metrics and entropy mask).
+    `stats` (a dict, see `jsd`) receives `grad_sq_logp` after the backward pass.
     """
     if mask_BT is None:
         mask_BT = torch.ones_like(tokens_BT, dtype=torch.bool)
     dtype = _compute_dtype(x_BTX, None if head is None else head.weight)
-    rule = _TokenLogprob(tokens_BT.reshape(-1), temperature, chunk_size, dtype, entropy=entropy)
+    rule = _TokenLogprob(tokens_BT.reshape(-1), temperature, chunk_size, dtype, entropy=entropy, stats=stats)
     out = _apply(rule, mask_BT.bool(), x_BTX, head)
     return (out[..., 0], out[..., 1].detach()) if entropy else out[..., 0]
 
@@ -252,7 +267,8 @@ def _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, te
     `(value_BT, logp_BT, entropy_BT)` (see `_TokenLogprob`)."""
     if tokens_BT is None:
         return _apply(rule, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
-    both = _TokenLogprob(tokens_BT.reshape(-1), rule.temperature, rule.chunk_size, rule.dtype, entropy=True, inner=rule)
+    both = _TokenLogprob(tokens_BT.reshape(-1), rule.temperature, rule.chunk_size, rule.dtype, entropy=True, inner=rule,
+                         stats=rule.stats)
     out = _apply(both, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
     return out[..., 2], out[..., 0], out[..., 1].detach()
 
@@ -290,8 +306,8 @@ class _FullJSD:
     forward_buffers, backward_buffers, student_in_backward, teacher_in_backward = 4, 2, True, True
     value_shape = ()
 
-    def __init__(self, beta, temperature, chunk_size, dtype):
-        self.beta, self.temperature, self.chunk_size, self.dtype = beta, temperature, chunk_size, dtype
+    def __init__(self, beta, temperature, chunk_size, dtype, stats=None):
+        self.beta, self.temperature, self.chunk_size, self.dtype, self.stats = beta, temperature, chunk_size, dtype, stats
 
     def forward(self, zs, zt, work, idx):
         P, M = work
@@ -327,7 +343,9 @@ class _FullJSD:
             torch.logaddexp(zs, zt.add_(math.log(beta) - shift), out=zt)
             torch.sub(zs, zt, out=zt).sub_(kl_n[:, None] + shift)  # log S − log M − KL(S‖M)
             G = zs.exp_().mul_(zt).mul_(1 - beta)
-        return G.mul_(go_n[:, None])
+        G = G.mul_(go_n[:, None])
+        _record_grad(self.stats, "grad_sq_divergence", G)
+        return G
 
 
 class _TopkJSD:
@@ -349,9 +367,9 @@ class _TopkJSD:
     forward_buffers, teacher_in_backward = 3, False  # zs, zt, softmax
     value_shape = ()
 
-    def __init__(self, beta, k, support, add_tail, vocab_size, temperature, chunk_size, dtype):
+    def __init__(self, beta, k, support, add_tail, vocab_size, temperature, chunk_size, dtype, stats=None):
         self.beta, self.k, self.support, self.add_tail, self.V = beta, k, support, add_tail, vocab_size
-        self.temperature, self.chunk_size, self.dtype = temperature, chunk_size, dtype
+        self.temperature, self.chunk_size, self.dtype, self.stats = temperature, chunk_size, dtype, stats
         self.student_in_backward = add_tail
         self.backward_buffers = 1 if add_tail else 0
 
@@ -362,6 +380,12 @@ class _TopkJSD:
             return logp_nK
         tail_n1 = softmax.scatter_(-1, top_nK, 0.0).sum(-1, keepdim=True)
         return torch.cat([logp_nK, tail_n1.log().clamp(min=LOG_FLOOR)], dim=-1)
+
+    def record_support_mass(self, logq_s, logq_t) -> None:
+        """Add the probability mass each model puts on the support, summed over rows, to `stats`."""
+        for key, logq in (("support_mass_student", logq_s), ("support_mass_teacher", logq_t)):
+            _record(self.stats, key, logq[:, : self.k].exp().sum())
+        _record(self.stats, "support_rows", torch.tensor(float(len(logq_s))))
 
     def divergence(self, logq_s, logq_t):
         if self.add_tail:
@@ -374,6 +398,7 @@ class _TopkJSD:
         lse_s = _softmax(zs, P)
         logq_s = self.buckets(zs, lse_s, P, top_nK)
         logq_t = self.buckets(zt, _softmax(zt, P), P, top_nK)
+        self.record_support_mass(logq_s, logq_t)
         return self.divergence(logq_s, logq_t), top_nK, lse_s, logq_s, logq_t
 
     def backward(self, zs, zt, work, idx, aux, go_n):
@@ -382,6 +407,7 @@ class _TopkJSD:
             logq_s = logq_s.detach().requires_grad_()
             (g,) = torch.autograd.grad(self.divergence(logq_s, logq_t), logq_s, go_n)
         if not self.add_tail:
+            _record_grad(self.stats, "grad_sq_divergence", g)  # the sparse gradient's values
             rows_nK = torch.arange(len(g), device=g.device)[:, None].expand_as(top_nK)
             indices = torch.stack([rows_nK.reshape(-1), top_nK.reshape(-1)])
             return torch.sparse_coo_tensor(indices, g.reshape(-1), (len(g), self.V), check_invariants=False)
@@ -391,7 +417,9 @@ class _TopkJSD:
         # S/q_tail ≤ 1 outside the support; q_tail = 0 only when every S_v there is 0 (the clamp keeps 0/0 away)
         q_tail = logq_s[:, -1:].detach().exp().clamp(min=torch.finfo(S.dtype).tiny)
         G = S.div_(q_tail).mul_(g[:, -1:] - q_tail * sum_g)
-        return G.scatter_(-1, top_nK, g[:, :-1] - S_K * sum_g)  # the support's entries overwritten (may be inf above)
+        G = G.scatter_(-1, top_nK, g[:, :-1] - S_K * sum_g)  # the support's entries overwritten (may be inf above)
+        _record_grad(self.stats, "grad_sq_divergence", G)
+        return G
 
 
 def jsd(
@@ -408,6 +436,7 @@ def jsd(
     add_tail: bool = False,
     tokens_BT: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    stats: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token generalized JSD_β between the student S and teacher T, `(B, T)`, zero at masked positions.
 
@@ -428,6 +457,12 @@ def jsd(
     With `tokens_BT` (the sampled tokens), returns `(jsd_BT, logp_BT, entropy_BT)`: also the student's log-probs of
     those tokens (differentiable) and its entropy (detached), from the same projection of the student's hidden states,
     so a trainer that needs both (GRPO's policy loss and the distillation term) projects them once.
+
+    `stats`, a dict, receives diagnostics as summed tensors (no extra pass over the vocabulary): after the forward,
+    with top-k, `support_mass_student` / `support_mass_teacher` (Σ over rows of the mass each model puts on the
+    support) and `support_rows`; after the backward, `grad_sq_divergence` and, with `tokens_BT`, `grad_sq_logp`: the
+    squared Frobenius norms of the gradient with respect to the logits that the divergence and the log-prob column
+    each send back (the loss weights included), i.e. each term's share of the signal entering the LM head.
     """
     if support not in ("student", "teacher"):
         raise ValueError(f"support must be 'student' or 'teacher', got {support!r}")
@@ -438,9 +473,9 @@ def jsd(
     dtype = _compute_dtype(student_BTX, teacher_BTX, ws, wt)
     V = student_BTX.shape[-1] if ws is None else ws.shape[0]
     if top_k is None or top_k >= V:
-        rule = _FullJSD(beta, temperature, chunk_size, dtype)
+        rule = _FullJSD(beta, temperature, chunk_size, dtype, stats)
     else:
-        rule = _TopkJSD(beta, top_k, support, add_tail, V, temperature, chunk_size, dtype)
+        rule = _TopkJSD(beta, top_k, support, add_tail, V, temperature, chunk_size, dtype, stats)
     return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, teacher_BTX, teacher_head)
 
 
@@ -450,8 +485,8 @@ class _GivenTopkJSD(_TopkJSD):
 
     forward_buffers = 2  # zs, softmax: no teacher logits
 
-    def __init__(self, ids_RK, logp_RK, beta, add_tail, vocab_size, temperature, chunk_size, dtype):
-        super().__init__(beta, ids_RK.shape[-1], "teacher", add_tail, vocab_size, temperature, chunk_size, dtype)
+    def __init__(self, ids_RK, logp_RK, beta, add_tail, vocab_size, temperature, chunk_size, dtype, stats=None):
+        super().__init__(beta, ids_RK.shape[-1], "teacher", add_tail, vocab_size, temperature, chunk_size, dtype, stats)
         self.ids_RK, self.logp_RK = ids_RK, logp_RK.to(dtype).clamp(min=LOG_FLOOR)
 
     def forward(self, zs, zt, work, idx):
@@ -462,6 +497,7 @@ class _GivenTopkJSD(_TopkJSD):
         if self.add_tail:
             tail_n1 = torch.log1p(-logq_t.exp().sum(-1, keepdim=True).clamp(max=1.0)).clamp(min=LOG_FLOOR)
             logq_t = torch.cat([logq_t, tail_n1], dim=-1)
+        self.record_support_mass(logq_s, logq_t)
         return self.divergence(logq_s, logq_t), top_nK, lse_s, logq_s, logq_t
 
 
@@ -477,6 +513,7 @@ def jsd_on_teacher_topk(
     add_tail: bool = False,
     tokens_BT: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    stats: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token JSD_β `(B, T)` on the teacher's top-k support when only that support is known: the K token ids
     `teacher_ids_BTK` and the teacher's log-probs on them `teacher_logp_BTK` (at temperature τ), as a vLLM-served
@@ -485,8 +522,8 @@ def jsd_on_teacher_topk(
     The same divergence as `jsd(..., top_k=K, support="teacher")`: both distributions restricted to the K tokens and
     renormalised, or with `add_tail` extended by the bucket of the remaining mass, for the teacher `1 − Σ_K p_T`
     (floored at `LOG_FLOOR` in log space; it cannot be summed directly without the teacher's logits). The K ids of
-    a position must be distinct. The student enters as logits or hidden states with `student_head`. `tokens_BT` as
-    in `jsd`.
+    a position must be distinct. The student enters as logits or hidden states with `student_head`. `tokens_BT` and
+    `stats` as in `jsd`.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -498,7 +535,7 @@ def jsd_on_teacher_topk(
     V = student_BTX.shape[-1] if ws is None else ws.shape[0]
     K = teacher_ids_BTK.shape[-1]
     rule = _GivenTopkJSD(teacher_ids_BTK.reshape(-1, K), teacher_logp_BTK.detach().reshape(-1, K), beta, add_tail, V,
-                         temperature, chunk_size, dtype)
+                         temperature, chunk_size, dtype, stats)
     return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head)
 
 

@@ -244,3 +244,20 @@ def test_batch_privileged_context_is_shown_like_feedback_after_the_rollout_feedb
 def test_unknown_source_raises():
     with pytest.raises(ValueError, match="Unknown teacher-context sources"):
         build(["Q"], ["c"], [0.0], group_size=1, sources=("feedback", "oracle"))
+
+
+def test_context_leakage_counts_phrases_only_the_teacher_saw():
+    from selfdistill.context import context_leakage
+
+    completions = [
+        "17 + 25 = 42.",
+        "The correct answer is 42.",  # from the feedback "the correct answer is 42"
+        "Sure. Correctly solve the original question: 42",  # from the reprompt template
+        "What is 17 + 25? It is 42.",  # repeats the student's own prompt: not a leak
+    ]
+    leakage = context_leakage(completions, ["What is 17 + 25? It is"],
+                              ["your final answer 32 is incorrect; the correct answer is 42", None])
+    assert leakage == 2 / 4
+    assert context_leakage([], ["q"], [None]) == 0.0
+    # A phrase the student's prompt already holds is the student's own, even if a template has it too.
+    assert context_leakage(["correctly solve the original question"], ["Correctly solve the original question"], []) == 0

@@ -589,3 +589,56 @@ def test_token_logprobs_entropy_and_all_masked_rows():
     none = torch.zeros_like(MASK)
     div, logp, entropy = jsd(z.requires_grad_(), z, none, tokens_BT=tokens)
     assert div.shape == logp.shape == entropy.shape == (B, T) and not (div.any() or logp.any())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diagnostics (`stats=`).
+
+
+@pytest.mark.parametrize("top_k,support,add_tail", SUPPORTS, ids=lambda v: str(v))
+def test_stats_hold_each_terms_logit_gradient_norm_and_the_support_mass(top_k, support, add_tail):
+    """With logits as input the gradient of the input *is* the gradient at the logits, so each term's recorded
+    `‖∂loss/∂z‖²` must equal the squared norm of the gradient autograd gives for that term alone; the support masses
+    equal Σ_K softmax over the brute-force top-k."""
+    zs, zt = _logits(0), _logits(1)
+    tokens = torch.randint(V, (B, T), generator=_gen(2))
+    a, b = 0.7, -1.3  # weights of the two terms, as the trainer's loss weights them
+
+    def loss_of(x, stats=None):
+        per_token, logp, _ = jsd(x, zt, MASK, top_k=top_k, support=support, add_tail=add_tail, tokens_BT=tokens,
+                                 stats=stats)
+        return a * per_token.sum(), b * logp.sum()
+
+    stats = {}
+    x = zs.clone().requires_grad_()
+    sum(loss_of(x, stats)).backward()
+    grads = []
+    for term in range(2):
+        x_alone = zs.clone().requires_grad_()
+        loss_of(x_alone)[term].backward()
+        grads.append(x_alone.grad)
+    torch.testing.assert_close(stats["grad_sq_divergence"], grads[0].square().sum(), **TOL)
+    torch.testing.assert_close(stats["grad_sq_logp"], grads[1].square().sum(), **TOL)
+    if top_k is None:
+        assert "support_rows" not in stats
+        return
+    chooser = zs if support == "student" else zt
+    top = chooser[MASK].topk(top_k, dim=-1).indices
+    for key, z in (("support_mass_student", zs), ("support_mass_teacher", zt)):
+        expected = z[MASK].softmax(-1).gather(-1, top).sum()
+        torch.testing.assert_close(stats[key], expected, **TOL)
+    assert stats["support_rows"].item() == MASK.sum().item()
+
+
+def test_stats_are_recorded_by_token_logprobs_and_the_served_teacher_topk():
+    z = _logits(0)
+    tokens = torch.randint(V, (B, T), generator=_gen(2))
+    stats = {}
+    x = z.clone().requires_grad_()
+    token_logprobs(x, tokens, MASK, stats=stats).sum().backward()
+    torch.testing.assert_close(stats["grad_sq_logp"], x.grad.square().sum(), **TOL)
+    ids = _logits(1).topk(4, dim=-1).indices
+    logp_t = torch.log_softmax(_logits(1), -1).gather(-1, ids)
+    stats = {}
+    jsd_on_teacher_topk(z.clone().requires_grad_(), None, ids, logp_t, MASK, add_tail=True, stats=stats)
+    torch.testing.assert_close(stats["support_mass_teacher"], logp_t[MASK].exp().sum(), **TOL)

@@ -22,6 +22,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ..losses import importance_weights, jsd, jsd_on_teacher_topk, masked_mean, reverse_kl_advantage, token_logprobs
 from ..teachers import causal_lm_parts
 from ..vllm_sync import cpu_server_generation, fix_vllm_cpu_weight_sync
+from .guards import Guards, check_finite_loss
 
 
 @dataclass
@@ -58,6 +59,28 @@ class DistillConfig(GRPOConfig):
         default=None,
         metadata={"help": "Clip of the token-level IS weight exp(logp_now − logp_old) on the logit-level term."},
     )
+    # Guards (trainers/guards.py), each default with its reason.
+    no_teacher_signal_patience: int = field(
+        default=10,
+        metadata={"help": "Stop with an error after this many consecutive generation batches in which no rollout has "
+                          "a teacher signal (0: never). Not 1: early batches where no sibling succeeds are normal for "
+                          "sibling-only contexts; 10 batches without one means the distillation term is off."},
+    )
+    stop_on_nonfinite: bool = field(
+        default=True,
+        metadata={"help": "Stop with an error on a non-finite loss (before the backward pass) or gradient (before the "
+                          "optimizer step): one such step corrupts the weights and the EMA teacher for good."},
+    )
+    collapse_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Stop and save when the train reward's running mean stays below this fraction of its best "
+                          "for collapse_patience generation batches (None: off; e.g. 0.5). Off by default: a reward "
+                          "that falls can be a curriculum or a harder data order, which only the user can tell."},
+    )
+    collapse_patience: int = field(
+        default=20,
+        metadata={"help": "Window of the running mean, and how long it must stay low, for collapse_fraction."},
+    )
 
     @property
     def group_advantage_weight(self) -> float:
@@ -72,6 +95,10 @@ class DistillConfig(GRPOConfig):
             raise ValueError(f"distill_beta must be in [0, 1], got {self.distill_beta}")
         if self.distill_top_k is not None and self.distill_top_k < 1:
             raise ValueError(f"distill_top_k must be >= 1 or None, got {self.distill_top_k}")
+        if self.no_teacher_signal_patience < 0 or self.collapse_patience < 1:
+            raise ValueError("no_teacher_signal_patience must be >= 0 and collapse_patience >= 1")
+        if self.collapse_fraction is not None and not 0.0 < self.collapse_fraction < 1.0:
+            raise ValueError(f"collapse_fraction must be in (0, 1) or None, got {self.collapse_fraction}")
 
 
 def score_only_completions_on_cpu() -> None:
@@ -105,6 +132,14 @@ def no_reward(completions, **kwargs) -> list[float]:
     return [0.0] * len(completions)
 
 
+def _stat_sums(trainer, keys) -> torch.Tensor:
+    """The projection's recorded diagnostics `keys` (0 where none was recorded), summed over all processes."""
+    stats = trainer._term_stats or {}
+    device = trainer.accelerator.device
+    values = torch.stack([torch.as_tensor(stats.get(key, 0.0), dtype=torch.float32, device=device) for key in keys])
+    return trainer.accelerator.reduce(values, reduction="sum")
+
+
 class DenseDistillTrainer(GRPOTrainer):
     """GRPOTrainer whose advantages gain a dense per-token teacher term.
 
@@ -117,11 +152,24 @@ class DenseDistillTrainer(GRPOTrainer):
       from those log-probs, before GRPO's loss reads them (no separate student pass for the sampling log-probs);
     - `_compute_loss`: adds the optional logit-level JSD term.
 
-    Subclasses set `self.teacher` (see `selfdistill.teachers`) and implement `_teacher_prompts`.
+    Subclasses set `self.teacher` (see `selfdistill.teachers`) and implement `_teacher_prompts` (and
+    `_no_teacher_signal_cause`).
+
+    Metrics, per step, besides GRPO's (`distill/...`): `reverse_kl`, `teacher_logp`, `student_logp` and `logp_gap`
+    (teacher − student, = −reverse_kl) on tokens with a teacher signal; `frac_with_teacher` and
+    `frac_tokens_with_teacher` (rollouts and completion tokens that carry one); `frac_teacher_logp_below`,
+    `acceptance`; `adv_rms_policy` and `adv_rms_distill`, the root mean square over completion tokens of the two parts
+    of the advantage, `w·A_group` and `kl_coef·a` (GRPO's loss is linear in the advantage at a given ratio, so they
+    weigh the two signals); with the logit-level term, `logit_loss`, `grad_norm_logits_policy` and
+    `grad_norm_logits_distill` (the norm of the gradient each term sends into the LM head's logits: a vanishing
+    distillation gradient shows here, lasgroup/SDPO#38), and for top-k `support_mass_student` / `support_mass_teacher`.
+    Guards: see `trainers/guards.py`.
     """
 
     _loss_inputs = None  # the batch, while `_compute_loss` runs
     _student_terms = None  # (log-probs, logit-level term) of that batch, from `_get_per_token_logps_and_entropies`
+    _term_stats = None  # diagnostics of that batch's projection, filled by its forward and backward passes
+    stop_reason = None  # set when a guard stopped training early (collapse)
 
     def __init__(self, *args, **kwargs):
         with cpu_server_generation(self, kwargs["args"]):  # vLLM server mode with a CPU trainer
@@ -129,10 +177,16 @@ class DenseDistillTrainer(GRPOTrainer):
         fix_vllm_cpu_weight_sync(self)  # colocated vLLM on CPU only; see selfdistill/vllm_sync.py
         if self.accelerator.device.type == "cpu":
             score_only_completions_on_cpu()
+        self.guards = Guards(self)
+        self.add_callback(self.guards)
 
     def _teacher_prompts(self, inputs: list[dict], batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(prompt_ids, prompt_mask, has_teacher_B)`: the prompt the teacher conditions on for each rollout, and
         whether the rollout gets a distillation term at all."""
+        raise NotImplementedError
+
+    def _no_teacher_signal_cause(self) -> str:
+        """Why a whole generation batch may carry no teacher signal, for the guard's error."""
         raise NotImplementedError
 
     def _generate_and_score_completions(self, inputs):
@@ -145,6 +199,10 @@ class DenseDistillTrainer(GRPOTrainer):
             scores = self.teacher.score(teacher_prompt_ids, teacher_prompt_mask, completion_ids, completion_mask)
         mask_BT = completion_mask * batch.get("tool_mask", 1) * has_teacher_B.unsqueeze(1).to(completion_mask.dtype)
         batch["teacher_logps"], batch["distill_mask"], batch["has_teacher"] = scores.logp_BT, mask_BT, has_teacher_B
+        if self.model.training:
+            signal = self.accelerator.reduce(mask_BT.sum().float(), reduction="sum").item()
+            self.guards.record_teacher_signal(signal, self._no_teacher_signal_cause())
+            self.guards.record_reward(self._metrics["train"]["reward"][-1])  # GRPO's mean over all ranks
         if self.args.distill_loss_weight:
             batch.update(scores.logit_inputs())
         if "old_per_token_logps" in batch:  # sampled by older weights (or vLLM): their log-probs are known now
@@ -158,12 +216,15 @@ class DenseDistillTrainer(GRPOTrainer):
         args, mode = self.args, "train" if self.model.training else "eval"
         logp_t, mask_BT = batch["teacher_logps"], batch["distill_mask"]
         kl_adv_BT = reverse_kl_advantage(student_logp_BT, logp_t, mask_BT, args.kl_discount)
-        batch["advantages"] = args.group_advantage_weight * batch["advantages"].unsqueeze(1) + args.kl_coef * kl_adv_BT
+        policy_adv_B1 = args.group_advantage_weight * batch["advantages"].unsqueeze(1)
+        batch["advantages"] = policy_adv_B1 + args.kl_coef * kl_adv_BT
         batch["student_logps_at_sampling"] = student_logp_BT
-        self._log_distill_metrics(mode, student_logp_BT, logp_t, mask_BT, batch["has_teacher"])
+        self._log_distill_metrics(mode, batch, student_logp_BT, policy_adv_B1, args.kl_coef * kl_adv_BT)
 
-    def _log_distill_metrics(self, mode, logp_s, logp_t, mask, has_teacher_B):
-        m = mask.float()
+    def _log_distill_metrics(self, mode, batch, logp_s, policy_adv_B1, distill_adv_BT):
+        """Log the teacher metrics of the class docstring, summed over all processes."""
+        logp_t, m, has_teacher_B = batch["teacher_logps"], batch["distill_mask"].float(), batch["has_teacher"]
+        completion = batch["completion_mask"].float()
         sums = torch.stack(
             [
                 ((logp_s - logp_t) * m).sum(),
@@ -176,19 +237,30 @@ class DenseDistillTrainer(GRPOTrainer):
                 m.sum(),
                 has_teacher_B.float().sum(),
                 torch.tensor(float(has_teacher_B.numel()), device=m.device),
+                completion.sum(),
+                (policy_adv_B1.square() * completion).sum(),
+                (distill_adv_BT.square() * completion).sum(),
             ]
         )
         sums = self.accelerator.reduce(sums, reduction="sum")
-        n = sums[5].clamp(min=1)
+        n, tokens = sums[5].clamp(min=1), sums[8].clamp(min=1)
         names = ["reverse_kl", "teacher_logp", "student_logp", "frac_teacher_logp_below", "acceptance"]
-        for name, value in zip(names, sums[:5] / n):
-            self._metrics[mode][f"distill/{name}"].append(value.item())
-        self._metrics[mode]["distill/frac_with_teacher"].append((sums[6] / sums[7]).item())
+        values = dict(zip(names, (sums[:5] / n).tolist()))
+        values |= {"logp_gap": -values["reverse_kl"], "frac_with_teacher": (sums[6] / sums[7]).item(),
+                   "frac_tokens_with_teacher": (sums[5] / tokens).item(),
+                   "adv_rms_policy": (sums[9] / tokens).sqrt().item(), "adv_rms_distill": (sums[10] / tokens).sqrt().item()}
+        for name, value in values.items():
+            self._metrics[mode][f"distill/{name}"].append(value)
 
     def _compute_loss(self, model, inputs):
         # GRPO's loss asks `_get_per_token_logps_and_entropies` (below) for the student's log-probs; there, one
         # projection of the student's hidden states gives them together with the logit-level term.
         args, mode = self.args, "train" if self.model.training else "eval"
+        missing = [key for key in ("teacher_logps", "distill_mask", "has_teacher") if key not in inputs]
+        if missing:  # NousResearch/atropos#456: teacher fields dropped on the way, distillation silently off
+            raise KeyError(f"the batch reaching the loss lacks the teacher fields {missing}: something between "
+                           "_generate_and_score_completions and _compute_loss dropped them (a custom _prepare_inputs "
+                           "or batch split?), and the distillation term would silently be zero.")
         self._loss_inputs = inputs
         try:
             loss = super()._compute_loss(model, inputs)
@@ -196,15 +268,33 @@ class DenseDistillTrainer(GRPOTrainer):
         finally:  # neither the batch nor the term's graph outlives the step
             self._loss_inputs = self._student_terms = None
         if not args.distill_loss_weight:
+            if args.stop_on_nonfinite:
+                check_finite_loss(self, policy=loss)
             return loss
         mask_BT = inputs["distill_mask"]
         # On-policy the IS weights are exactly 1: the log-probs at sampling came from this very forward.
         if args.distill_is_clip is not None and "old_per_token_logps" in inputs:
             per_token = per_token * importance_weights(logp_now, inputs["student_logps_at_sampling"], args.distill_is_clip)
         distill_loss = masked_mean(per_token, mask_BT)
+        if args.stop_on_nonfinite:
+            check_finite_loss(self, policy=loss, distillation=distill_loss)
         self._metrics[mode]["distill/logit_loss"].append(self.accelerator.gather(distill_loss.detach()).mean().item())
+        if args.distill_top_k is not None:  # a rank without unmasked rows recorded nothing: zeros keep the sums aligned
+            masses = _stat_sums(self, ("support_mass_student", "support_mass_teacher", "support_rows"))
+            for name, mass in zip(("support_mass_student", "support_mass_teacher"), masses[:2] / masses[2].clamp(min=1)):
+                self._metrics[mode][f"distill/{name}"].append(mass.item())
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         return loss + args.distill_loss_weight * distill_loss / accumulation
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The projection's backward pass, which just ran, recorded each term's gradient into `_term_stats`.
+        norms = _stat_sums(self, ("grad_sq_logp", "grad_sq_divergence")).sqrt()
+        self._term_stats = None
+        self._metrics["train"]["distill/grad_norm_logits_policy"].append(norms[0].item())
+        if self.args.distill_loss_weight:
+            self._metrics["train"]["distill/grad_norm_logits_distill"].append(norms[1].item())
+        return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -231,11 +321,12 @@ class DenseDistillTrainer(GRPOTrainer):
         finally:
             handle.remove()
         hidden_s = captured[0][:, -logits_to_keep - 1 : -1]  # position P−1+t predicts completion token t
-        common = dict(temperature=self.temperature, tokens_BT=completion_ids)
+        self._term_stats = stats = {}
+        common = dict(temperature=self.temperature, tokens_BT=completion_ids, stats=stats)
         per_token = None
         if not args.distill_loss_weight:
             logp, entropy = token_logprobs(hidden_s, completion_ids, completion_mask, head=head,
-                                           temperature=self.temperature, entropy=True)
+                                           temperature=self.temperature, entropy=True, stats=stats)
         elif "teacher_topk_ids" in inputs:  # a vLLM-served teacher: its top-k log-probs, not its hidden states
             per_token, logp, entropy = jsd_on_teacher_topk(
                 hidden_s, head, inputs["teacher_topk_ids"], inputs["teacher_topk_logps"], completion_mask,

@@ -111,6 +111,10 @@ class OnPolicyDistillTrainer(DenseDistillTrainer):
             teacher_model, self.temperature, args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight)
         )
 
+    def _no_teacher_signal_cause(self) -> str:
+        return ("every rollout is distilled, so every completion was empty or fully masked (tool_mask?): check "
+                "max_completion_length and the generation settings.")
+
     def _teacher_prompts(self, inputs, batch):
         """The teacher sees exactly the student's prompt; every rollout is distilled."""
         has_teacher_B = batch["completion_mask"].new_ones(batch["completion_mask"].shape[0], dtype=bool)

@@ -33,8 +33,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import pad
 
-from ..context import SOURCES, Templates, teacher_prompts
+from ..context import SOURCES, Templates, context_leakage, teacher_prompt, teacher_prompts
 from ..rewards import FEEDBACK_KEY
+from ..rewards.feedback import problem_text
 from ..teachers import SelfTeacher
 from ..vllm_teacher import generation_engine_teacher
 from .core import DenseDistillTrainer, DistillConfig, no_reward
@@ -186,6 +187,54 @@ class SelfDistillTrainer(DenseDistillTrainer):
                                        args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight))
         if args.teacher == "ema":
             self.add_callback(_UpdateTeacher(self.teacher))
+        self._check_static_contexts_fit()
+
+    def _max_teacher_length(self) -> int:
+        """The most tokens a teacher context plus a completion may hold: the model's positions (and vLLM's length
+        when the teacher scores on vLLM)."""
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or float("inf")
+        if not isinstance(self.teacher, SelfTeacher) and self.args.vllm_max_model_length:  # scored on vLLM
+            limit = min(limit, self.args.vllm_max_model_length)
+        return limit
+
+    def _check_context_lengths(self, prompt_ids: list[list[int]], completion_length: int, where: str) -> None:
+        limit = self._max_teacher_length()
+        longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), default=None)
+        if longest is not None and len(prompt_ids[longest]) + completion_length > limit:
+            raise ValueError(
+                f"A teacher context is longer than the model can hold: {where} has a {len(prompt_ids[longest])}-token "
+                f"teacher prompt, which with {completion_length} completion tokens exceeds the model's maximum length "
+                f"{limit}. It is not truncated (that would change what the teacher sees); shorten the "
+                "solution/demonstration/feedback or the templates, or lower max_completion_length.")
+
+    def _check_static_contexts_fit(self) -> None:
+        """Before any compute: the contexts known from the dataset alone (solutions, demonstrations, privileged
+        context) plus `max_completion_length` must fit the model."""
+        names = [n for n in ("solution", "demonstration", "privileged_context") if n in self.args.context_sources]
+        dataset = self.train_dataset
+        if not names or dataset is None or not hasattr(dataset, "column_names"):
+            return
+        names = [n for n in names if n in dataset.column_names]
+        if not names:
+            return
+        for start in range(0, len(dataset), 256):
+            rows = dataset[start : start + 256]
+            prompts = [teacher_prompt(rows["prompt"][i], templates=self.args.templates,
+                                      **{"feedback" if n == "privileged_context" else n: rows[n][i] for n in names})
+                       for i in range(len(rows["prompt"]))]
+            present = [i for i, p in enumerate(prompts) if p is not None]
+            ids = self._tokenize_prompts([prompts[i] for i in present])[0] if present else []
+            if ids:
+                longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+                self._check_context_lengths([ids[longest]], self.args.max_completion_length,
+                                            f"train_dataset row {start + present[longest]}")
+
+    def _no_teacher_signal_cause(self) -> str:
+        args = self.args
+        return (f"no rollout had a teacher context for context_sources={args.context_sources}: no rollout reached "
+                f"success_threshold={args.success_threshold} to be shown as a sibling, and the rewards gave no "
+                "feedback (or the dataset no solution/demonstration column). Check that the reward functions add "
+                "feedback (selfdistill.rewards.add_feedback) and the dataset's columns.")
 
     def _generate_and_score_completions(self, inputs):
         # Fresh dict copies, so every rollout owns its feedback slot even if the sampler repeated one dict object.
@@ -223,9 +272,14 @@ class SelfDistillTrainer(DenseDistillTrainer):
         start = self.accelerator.process_index * len(inputs)
         local = prompts_all[start : start + len(inputs)]
         has_teacher_B = torch.tensor([p is not None for p in local], device=completion_ids.device)
+        batch["succeeded"] = (rewards >= args.success_threshold)[start : start + len(inputs)].to(completion_ids.device)
+        all_feedbacks = gather_object(feedbacks)
         self._metrics[mode]["self_distill/frac_with_feedback"].append(
-            sum(f is not None for f in gather_object(feedbacks)) / len(prompts_all)
+            sum(f is not None for f in all_feedbacks) / len(prompts_all)
         )
+        self._metrics[mode]["self_distill/context_leakage"].append(context_leakage(
+            gather_object(completions), [problem_text(p) for p in gather_object([e["prompt"] for e in inputs])],
+            all_feedbacks, args.templates))
         if not any(p is not None for p in prompts_all):
             warnings.warn(
                 "Self-distillation: no rollout in this batch has a teacher context (no rollout reached "
@@ -235,6 +289,7 @@ class SelfDistillTrainer(DenseDistillTrainer):
         # Rollouts without context still need a row: they keep their own prompt and are masked out.
         teacher_inputs = [p if p is not None else example["prompt"] for p, example in zip(local, inputs)]
         prompt_ids = self._tokenize_prompts(teacher_inputs)[0]
+        self._check_context_lengths(prompt_ids, completion_ids.shape[1], f"step {self.state.global_step + 1}")
         device = completion_ids.device
         ids = [torch.tensor(x, device=device) for x in prompt_ids]
         return (
@@ -242,6 +297,23 @@ class SelfDistillTrainer(DenseDistillTrainer):
             pad([torch.ones_like(x) for x in ids], padding_value=0, padding_side="left"),
             has_teacher_B,
         )
+
+    def _log_distill_metrics(self, mode, batch, logp_s, policy_adv_B1, distill_adv_BT):
+        """Also: how often the teacher's context points the right way. Per rollout with a teacher signal, the sign
+        of Σ_t (log T − log S), the direction its dense advantage pushes the whole completion: down on a failed
+        rollout (`self_distill/teacher_helps_failed`, the fraction where Σ < 0), up on a successful one
+        (`teacher_helps_succeeded`, Σ > 0)."""
+        super()._log_distill_metrics(mode, batch, logp_s, policy_adv_B1, distill_adv_BT)
+        if "succeeded" not in batch:  # an override of `_teacher_prompts` that does not say
+            return
+        gap_B = ((batch["teacher_logps"] - logp_s) * batch["distill_mask"]).sum(1)
+        has, ok = batch["has_teacher"], batch["succeeded"]
+        counts = torch.stack([(has & ~ok & (gap_B < 0)).sum(), (has & ~ok).sum(), (has & ok & (gap_B > 0)).sum(),
+                              (has & ok).sum()]).float()
+        counts = self.accelerator.reduce(counts, reduction="sum")
+        for name, hits, total in (("failed", counts[0], counts[1]), ("succeeded", counts[2], counts[3])):
+            if total > 0:
+                self._metrics[mode][f"self_distill/teacher_helps_{name}"].append((hits / total).item())
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
