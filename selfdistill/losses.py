@@ -30,6 +30,7 @@ Conventions (shared with TRL's DistillationTrainer and `trl.experimental.sdpo`):
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -96,12 +97,18 @@ class _ChunkedLoss(torch.autograd.Function):
     returns `(value_n, *aux_n)`; the small aux tensors are kept for the backward pass. `rule.backward(zs, zt, work,
     idx, aux, go_n)` gets freshly recomputed logits (each only if `rule.student_in_backward`,
     `rule.teacher_in_backward`) and returns `G = go · ∂f/∂z_s`: dense, possibly in the storage of `zs`, or a sparse
-    COO tensor. The teacher's inputs are constants.
+    COO tensor. The teacher's inputs are constants. Both passes run inside `rule.weights_context()`, which gathers
+    heads that DeepSpeed ZeRO-3 partitions (`selfdistill.sharding.whole_heads`; a null context otherwise).
     """
 
     @staticmethod
     def forward(ctx, rule, index_N, xs_RX, ws, bs, xt_RX, wt, bt):
         ctx.save_for_backward(index_N, xs_RX, ws, bs, xt_RX, wt, bt)
+        with rule.weights_context():
+            return _ChunkedLoss._forward(ctx, rule, index_N, xs_RX, ws, bs, xt_RX, wt, bt)
+
+    @staticmethod
+    def _forward(ctx, rule, index_N, xs_RX, ws, bs, xt_RX, wt, bt):
         dtype = rule.dtype
         ws_, wt_ = (w if w is None else w.to(dtype) for w in (ws, wt))  # one cast per pass (a no-op in fp32)
         N, V = index_N.numel(), xs_RX.shape[-1] if ws is None else ws.shape[0]
@@ -124,6 +131,11 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, go_N):
+        with ctx.rule.weights_context():  # ZeRO-3: the heads are gathered again for the recomputation
+            return _ChunkedLoss._backward(ctx, go_N)
+
+    @staticmethod
+    def _backward(ctx, go_N):
         rule, rows, aux = ctx.rule, ctx.rows, ctx.aux
         index_N, xs_RX, ws, bs, xt_RX, wt, bt = ctx.saved_tensors
         _, _, need_x, need_w, need_b, *_ = ctx.needs_input_grad
@@ -160,9 +172,11 @@ class _ChunkedLoss(torch.autograd.Function):
         return None, None, grad_x, grad_w, grad_b, None, None, None
 
 
-def _apply(rule, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_head=None) -> torch.Tensor:
+def _apply(rule, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_head=None,
+           weights_context=None) -> torch.Tensor:
     """Run `rule` on the unmasked rows and scatter the values into a `(B, T, *rule.value_shape)` tensor, zero at masked
-    positions."""
+    positions. `weights_context` (a context factory) is entered around both passes (see `_ChunkedLoss`)."""
+    rule.weights_context = weights_context or nullcontext
     B, T = mask_BT.shape
     index_N = mask_BT.reshape(-1).nonzero().squeeze(-1)
     ws, bs = (None, None) if student_head is None else (student_head.weight, student_head.bias)
@@ -244,6 +258,7 @@ def token_logprobs(
     entropy: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     stats: dict | None = None,
+    weights_context=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of given tokens: `logp_BT[b, t] = log_softmax(z_bt / τ)[tokens_BT[b, t]]`, floored at LOG_FLOOR.
 
@@ -252,24 +267,27 @@ def token_logprobs(
     and in the head's weight and bias, with the analytic gradient `∂ logp / ∂z = onehot(token) − softmax(z)`.
     With `entropy`, returns `(logp_BT, entropy_BT)`, the entropy `−Σ_v p_v log p_v` of the same distribution taken
     from the same projection, detached (as GRPO's fused head gives it, for its metrics and entropy mask).
-    `stats` (a dict, see `jsd`) receives `grad_sq_logp` after the backward pass.
+    `stats` (a dict, see `jsd`) receives `grad_sq_logp` after the backward pass. `weights_context`, a context
+    factory, is entered around the forward and the backward pass: `selfdistill.sharding.whole_heads` gives one that
+    gathers a ZeRO-3 partitioned head.
     """
     if mask_BT is None:
         mask_BT = torch.ones_like(tokens_BT, dtype=torch.bool)
     dtype = _compute_dtype(x_BTX, None if head is None else head.weight)
     rule = _TokenLogprob(tokens_BT.reshape(-1), temperature, chunk_size, dtype, entropy=entropy, stats=stats)
-    out = _apply(rule, mask_BT.bool(), x_BTX, head)
+    out = _apply(rule, mask_BT.bool(), x_BTX, head, weights_context=weights_context)
     return (out[..., 0], out[..., 1].detach()) if entropy else out[..., 0]
 
 
-def _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_head=None):
+def _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, teacher_BTX=None, teacher_head=None,
+                         weights_context=None):
     """`rule`'s values, or with `tokens_BT` also their log-probs and entropy from the same projection of the student:
     `(value_BT, logp_BT, entropy_BT)` (see `_TokenLogprob`)."""
     if tokens_BT is None:
-        return _apply(rule, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
+        return _apply(rule, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head, weights_context)
     both = _TokenLogprob(tokens_BT.reshape(-1), rule.temperature, rule.chunk_size, rule.dtype, entropy=True, inner=rule,
                          stats=rule.stats)
-    out = _apply(both, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head)
+    out = _apply(both, mask_BT.bool(), student_BTX, student_head, teacher_BTX, teacher_head, weights_context)
     return out[..., 2], out[..., 0], out[..., 1].detach()
 
 
@@ -437,6 +455,7 @@ def jsd(
     tokens_BT: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     stats: dict | None = None,
+    weights_context=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token generalized JSD_β between the student S and teacher T, `(B, T)`, zero at masked positions.
 
@@ -463,6 +482,7 @@ def jsd(
     support) and `support_rows`; after the backward, `grad_sq_divergence` and, with `tokens_BT`, `grad_sq_logp`: the
     squared Frobenius norms of the gradient with respect to the logits that the divergence and the log-prob column
     each send back (the loss weights included), i.e. each term's share of the signal entering the LM head.
+    `weights_context` as in `token_logprobs`.
     """
     if support not in ("student", "teacher"):
         raise ValueError(f"support must be 'student' or 'teacher', got {support!r}")
@@ -476,7 +496,8 @@ def jsd(
         rule = _FullJSD(beta, temperature, chunk_size, dtype, stats)
     else:
         rule = _TopkJSD(beta, top_k, support, add_tail, V, temperature, chunk_size, dtype, stats)
-    return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, teacher_BTX, teacher_head)
+    return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, teacher_BTX, teacher_head,
+                                weights_context)
 
 
 class _GivenTopkJSD(_TopkJSD):
@@ -514,6 +535,7 @@ def jsd_on_teacher_topk(
     tokens_BT: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     stats: dict | None = None,
+    weights_context=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token JSD_β `(B, T)` on the teacher's top-k support when only that support is known: the K token ids
     `teacher_ids_BTK` and the teacher's log-probs on them `teacher_logp_BTK` (at temperature τ), as a vLLM-served
@@ -522,8 +544,8 @@ def jsd_on_teacher_topk(
     The same divergence as `jsd(..., top_k=K, support="teacher")`: both distributions restricted to the K tokens and
     renormalised, or with `add_tail` extended by the bucket of the remaining mass, for the teacher `1 − Σ_K p_T`
     (floored at `LOG_FLOOR` in log space; it cannot be summed directly without the teacher's logits). The K ids of
-    a position must be distinct. The student enters as logits or hidden states with `student_head`. `tokens_BT` and
-    `stats` as in `jsd`.
+    a position must be distinct. The student enters as logits or hidden states with `student_head`. `tokens_BT`,
+    `stats` and `weights_context` as in `jsd`.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -536,7 +558,7 @@ def jsd_on_teacher_topk(
     K = teacher_ids_BTK.shape[-1]
     rule = _GivenTopkJSD(teacher_ids_BTK.reshape(-1, K), teacher_logp_BTK.detach().reshape(-1, K), beta, add_tail, V,
                          temperature, chunk_size, dtype, stats)
-    return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head)
+    return _with_token_logprobs(rule, tokens_BT, mask_BT, student_BTX, student_head, weights_context=weights_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

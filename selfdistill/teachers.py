@@ -4,6 +4,7 @@ A teacher is anything with `score(prompt_ids, prompt_mask, completion_ids, compl
 The trainers only call that method, so a teacher served elsewhere (e.g. by vLLM) drops in without touching them.
 """
 
+import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 
 from .losses import token_logprobs
+from .sharding import in_forward, whole_heads
 
 
 @dataclass
@@ -79,7 +81,10 @@ def completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, com
 class ModelTeacher:
     """A local causal LM as teacher: a separate model (on-policy distillation) or the student itself (self-
     distillation). Runs under `no_grad` in micro-batches of `batch_size` rows; logits are computed only for
-    completion positions, `chunk_size` tokens at a time, at the sampling temperature."""
+    completion positions, `chunk_size` tokens at a time, at the sampling temperature.
+
+    `model` may be wrapped (DDP, a DeepSpeed engine) or sharded (ZeRO-3, FSDP2): the scoring runs inside its forward
+    with the head read whole (`selfdistill.sharding`), so the same code serves every strategy."""
 
     def __init__(self, model, temperature: float, batch_size: int, return_hidden: bool = False):
         self.model, self.temperature, self.batch_size, self.return_hidden = model, temperature, batch_size, return_hidden
@@ -90,17 +95,19 @@ class ModelTeacher:
 
     @torch.no_grad()
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
+        return in_forward(self.model, self._score, prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+    def _score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
         logps, hiddens = [], []
         for start in range(0, prompt_ids.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
             hidden = completion_hidden_states(
                 self.model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]
             )
-            logps.append(
-                token_logprobs(
-                    hidden, completion_ids[rows], completion_mask[rows], head=self.head, temperature=self.temperature
-                )
-            )
+            # Gathered after the backbone ran: under ZeRO-3 a head tied to the embedding is released when it ends.
+            with whole_heads(self.head) as ((head,), _):
+                logps.append(token_logprobs(hidden, completion_ids[rows], completion_mask[rows], head=head,
+                                            temperature=self.temperature))
             if self.return_hidden:
                 hiddens.append(hidden)
         return TeacherScores(torch.cat(logps), torch.cat(hiddens) if self.return_hidden else None)
@@ -120,69 +127,90 @@ class _SnapshotHead(torch.nn.Module):
 class SelfTeacher(ModelTeacher):
     """The student's own network as its teacher, in one of three kinds:
 
-    - `live`: the current weights, no extra memory;
-    - `ema`: an exponential moving average of the trainable weights, `θ_T ← (1−r)·θ_T + r·θ` after each optimizer
-      step (`update`); with PEFT only the adapter is trainable, so only the adapter is averaged;
-    - `base`: the frozen starting weights; with PEFT the adapter is disabled instead of copying the model.
+    - `live`: the student's network with its current weights, no extra memory;
+    - `ema`: an exponential moving average of the weights, `θ_T ← (1−r)·θ_T + r·θ` after each optimizer step
+      (`update`);
+    - `base`: the frozen starting weights.
 
-    `ema` and `base` (without PEFT) keep a snapshot of the trainable parameters and swap it into the network while
-    scoring. `head` projects with the snapshot's output embedding when it has one, so the logit-level term uses
-    the teacher's head, not the student's.
+    Without PEFT, `ema` and `base` score with their own network, `copy`: a copy of the student that the trainer
+    prepares as TRL prepares GRPO's reference model (a ZeRO-3 inference engine, FSDP2 shards, or a plain copy), so it
+    is sharded as the student is. The EMA step is TRL's `SyncRefModelCallback.sync_target_model` (the same formula;
+    under ZeRO-3 gathered on rank 0 as TRL updates a ZeRO-3 target, elsewhere parameter by parameter, so shard by
+    shard under FSDP2). With PEFT only the adapter trains: `base` disables the adapter, and `ema` averages the adapter
+    alone, in a snapshot swapped into the network while scoring (not under ZeRO-3, which shards the adapter too).
     """
 
     KINDS = ("live", "ema", "base")
 
-    def __init__(self, model, kind: str, update_rate: float, temperature: float, batch_size: int,
-                 return_hidden: bool = False):
+    def __init__(self, network, kind: str, update_rate: float, temperature: float, batch_size: int,
+                 return_hidden: bool = False, copy=None):
         if kind not in self.KINDS:
             raise ValueError(f"teacher must be one of {self.KINDS}, got {kind!r}")
-        super().__init__(model, temperature, batch_size, return_hidden)
-        self.kind, self.update_rate = kind, update_rate
-        self.network = getattr(model, "module", model)
-        self.snapshot: dict[str, torch.Tensor] | None = None
-        if kind == "ema" or (kind == "base" and not is_peft_model(self.network)):
-            if any(getattr(p, "ds_id", None) is not None for p in self.network.parameters()):
-                raise NotImplementedError("ema/base teachers keep a weight snapshot, which DeepSpeed ZeRO-3 shards; "
-                                          "use teacher='live', or PEFT with teacher='base'.")
-            self.snapshot = {n: p.detach().clone() for n, p in self._trainable()}
+        network = getattr(network, "module", network)
+        peft = is_peft_model(network)
+        if kind != "live" and not peft and copy is None:
+            raise ValueError(f"a {kind!r} teacher without PEFT scores with its own copy of the network: pass `copy`")
+        super().__init__(network if copy is None else copy, temperature, batch_size, return_hidden)
+        self.kind, self.update_rate, self.network, self.copy = kind, update_rate, network, copy
+        self.adapter: dict[str, torch.Tensor] | None = None
+        if kind == "ema" and peft:
+            if _is_zero3(network.parameters()):
+                raise NotImplementedError("an EMA of a PEFT adapter under DeepSpeed ZeRO-3 (which shards the adapter) "
+                                          "is not supported: use teacher='base' (adapter disabled) or 'live'.")
+            self.adapter = {n: p.detach().clone() for n, p in self._trainable()}
 
     def _trainable(self):
         return [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
 
+    def state(self) -> dict[str, torch.Tensor] | None:
+        """The teacher's own weights by name (its copy's parameters, or the adapter snapshot); None when live or a
+        PEFT base (the student's network)."""
+        if self.adapter is not None:
+            return self.adapter
+        if self.copy is not None:
+            return dict(getattr(self.copy, "module", self.copy).named_parameters())
+        return None
+
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step after an optimizer step (no-op for live and base)."""
-        if self.kind == "ema":
+        if self.kind != "ema":
+            return
+        if self.adapter is not None:
             for name, param in self._trainable():
-                self.snapshot[name].lerp_(param.detach().to(self.snapshot[name].dtype), self.update_rate)
+                self.adapter[name].lerp_(param.detach().to(self.adapter[name].dtype), self.update_rate)
+            return
+        from trl.trainer.callbacks import SyncRefModelCallback
+
+        SyncRefModelCallback.sync_target_model(self.network, getattr(self.copy, "module", self.copy), self.update_rate)
 
     @contextmanager
-    def _swapped_in(self):
+    def _adapter_swapped_in(self):
         params = dict(self._trainable())
-        live = {n: params[n].data for n in self.snapshot}
+        live = {n: params[n].detach().clone() for n in self.adapter}
         try:
-            for n, t in self.snapshot.items():
-                params[n].data = t
+            for n, t in self.adapter.items():
+                params[n].detach().copy_(t)  # in place: an FSDP2 shard's storage is FSDP2's own buffer
             yield
         finally:
             for n, t in live.items():
-                params[n].data = t
+                params[n].detach().copy_(t)
 
     def weights(self):
-        """Context in which the network holds the teacher's weights."""
-        if self.snapshot is not None:
-            return self._swapped_in()
-        if self.kind == "base":  # PEFT: the base model is the model with its adapter disabled
+        """Context in which the network scores with the teacher's weights."""
+        if self.adapter is not None:
+            return self._adapter_swapped_in()
+        if self.kind == "base" and self.copy is None:  # PEFT: the base model is the model with its adapter disabled
             return self.network.disable_adapter()
         return nullcontext()
 
     @property
     def head(self):
         head = causal_lm_parts(self.model)[1]
-        name = next((n for n, p in self.network.named_parameters() if p is head.weight), None)
-        if self.snapshot is None or name not in self.snapshot:
+        if self.adapter is None:
             return head
-        return _SnapshotHead(self.snapshot[name], head.bias)
+        name = next((n for n, p in self.network.named_parameters() if p is head.weight), None)
+        return head if name not in self.adapter else _SnapshotHead(self.adapter[name], head.bias)
 
     def score(self, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
         was_training = self.network.training
@@ -192,6 +220,64 @@ class SelfTeacher(ModelTeacher):
                 return super().score(prompt_ids, prompt_mask, completion_ids, completion_mask)
         finally:
             self.network.train(was_training)
+
+    def save(self, folder: str, accelerator) -> None:
+        """Write the teacher's weights (ema: they change) into a checkpoint folder; every process calls this.
+        Replicated weights: one file from the main process. ZeRO-3: gathered, written by the main process. FSDP2:
+        each process writes its own shards (a resume needs the same number of processes)."""
+        state = self.state()
+        if self.kind != "ema" or state is None:
+            return
+        if _is_sharded(state):
+            torch.save({n: t.detach().to_local().clone() for n, t in state.items()},
+                       os.path.join(folder, f"{TEACHER_FILE}.rank{accelerator.process_index}"))
+            return
+        with _zero3_whole(state.values(), modifier_rank=None):
+            if accelerator.is_main_process:
+                torch.save({n: t.detach().cpu().clone() for n, t in state.items()}, os.path.join(folder, TEACHER_FILE))
+
+    def load(self, folder: str, accelerator) -> None:
+        """Restore what `save` wrote, bit for bit; a checkpoint without it leaves the teacher as it is."""
+        state = self.state()
+        if self.kind != "ema" or state is None:
+            return
+        if _is_sharded(state):
+            path = os.path.join(folder, f"{TEACHER_FILE}.rank{accelerator.process_index}")
+            if os.path.exists(path):
+                saved = torch.load(path, map_location="cpu")
+                for n, t in state.items():
+                    t.detach().to_local().copy_(saved[n])
+            return
+        path = os.path.join(folder, TEACHER_FILE)
+        if not os.path.exists(path):
+            return
+        saved = torch.load(path, map_location="cpu")
+        with torch.no_grad(), _zero3_whole(state.values(), modifier_rank=0):
+            if accelerator.is_main_process or not _is_zero3(state.values()):
+                for n, t in state.items():
+                    t.copy_(saved[n])
+
+
+TEACHER_FILE = "self_teacher_weights.pt"
+
+
+def _is_sharded(state: dict) -> bool:
+    return any(hasattr(t, "to_local") for t in state.values())
+
+
+def _is_zero3(params) -> bool:
+    """Whether any of `params` is partitioned by DeepSpeed ZeRO-3."""
+    return any(getattr(p, "ds_id", None) is not None for p in params)
+
+
+def _zero3_whole(params, modifier_rank):
+    """ZeRO-3: the parameters gathered whole (and, with `modifier_rank`, broadcast from it on exit)."""
+    params = list(params)
+    if not _is_zero3(params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:

@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib.util
 import random
+import socket
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def build_tokenizer():
     return fast
 
 
-def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
+def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int, tie_word_embeddings: bool = True):
     """A small Qwen2 with head dim 32 (vLLM's CPU backend needs head dim >= 32)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -86,7 +87,7 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
         num_attention_heads=hidden_size // 32,
         num_key_value_heads=hidden_size // 32,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
@@ -108,9 +109,9 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def _save_model(tmp_path_factory, name, tokenizer, hidden_size, num_layers, seed):
+def _save_model(tmp_path_factory, name, tokenizer, hidden_size, num_layers, seed, tie_word_embeddings=True):
     path = tmp_path_factory.mktemp(name)
-    build_model(tokenizer, hidden_size, num_layers, seed).save_pretrained(path)
+    build_model(tokenizer, hidden_size, num_layers, seed, tie_word_embeddings).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -119,6 +120,14 @@ def _save_model(tmp_path_factory, name, tokenizer, hidden_size, num_layers, seed
 def student_dir(tmp_path_factory, tokenizer):
     """Tiny student: 2 layers, width 64 (2 heads of 32)."""
     return _save_model(tmp_path_factory, "student", tokenizer, hidden_size=64, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def untied_student_dir(tmp_path_factory, tokenizer):
+    """The student with an LM head of its own (not tied to the embedding), as large models have (Qwen3-8B): under
+    ZeRO-3 such a head is partitioned whenever its module is not running, which a tied one is not."""
+    return _save_model(tmp_path_factory, "untied_student", tokenizer, hidden_size=64, num_layers=2, seed=0,
+                       tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
@@ -166,3 +175,10 @@ def stop_server(proc, log) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -28,7 +28,7 @@ class Snapshots(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.weights[state.global_step] = {n: p.detach().clone() for n, p in self.trainer.model.named_parameters()}
-        self.teacher[state.global_step] = {n: t.clone() for n, t in self.trainer.teacher.snapshot.items()}
+        self.teacher[state.global_step] = {n: t.clone() for n, t in self.trainer.teacher.state().items()}
 
 
 def poison_from_step(trainer, step: int, where: str):
@@ -60,7 +60,7 @@ def test_nonfinite_step_stops_before_the_update_and_keeps_the_checkpoint(where, 
     assert list(snapshots.weights) == [1]  # step 2 never ended
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param.detach(), snapshots.weights[1][name]), name
-    for name, tensor in trainer.teacher.snapshot.items():
+    for name, tensor in trainer.teacher.state().items():
         assert torch.equal(tensor, snapshots.teacher[1][name]), name
     assert os.path.isdir(tmp_path / "checkpoint-1") and not os.path.exists(tmp_path / "checkpoint-2")
 

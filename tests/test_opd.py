@@ -14,7 +14,6 @@ import ast
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from _opd_distributed import NUM_GENERATIONS, PER_DEVICE_BATCH, char_length_reward, make_config, prompts_dataset
-from conftest import SPECIAL_TOKENS, build_model, with_dense_advantages
+from conftest import SPECIAL_TOKENS, build_model, free_port, with_dense_advantages
 from selfdistill.losses import jsd, masked_mean
 from selfdistill.teachers import completion_hidden_states
 from selfdistill.trainers import OnPolicyDistillTrainer
@@ -332,12 +331,6 @@ def test_vocabulary_mismatch_is_refused(tmp_path, student_dir, teacher_dir, toke
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. Two processes (gloo) give the advantages a single process gives for the same rollouts.
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ReplayTrainer(OnPolicyDistillTrainer):

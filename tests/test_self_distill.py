@@ -4,7 +4,7 @@ What is checked, and how:
 - alignment: the teacher scores exactly the student's completion token ids, after a prompt that decodes to the
   rewritten prompt and ends with the same generation prompt (ChatML, plain text, and a template with a think prefix);
 - teacher log-probs equal a plain forward, log_softmax(logits / τ), gather, at τ ≠ 1;
-- teacher kinds: the EMA snapshot is the EMA of the recorded parameter trajectory, the base snapshot never moves, the
+- teacher kinds: the EMA teacher is the EMA of the recorded parameter trajectory, the base teacher never moves, the
   live teacher scores with the current weights; a resumed run restores the EMA teacher bit for bit;
 - a batch with no teacher context trains with a finite loss and finite gradients and warns once;
 - parity with `trl.experimental.sdpo.SDPOTrainer` on one fixed batch (top-k logits and sampled-token modes);
@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from conftest import with_dense_advantages
 from selfdistill.rewards import FEEDBACK_KEY
-from selfdistill.trainers.self_distill import TEACHER_CHECKPOINT_FILE, SelfDistillConfig, SelfDistillTrainer
+from selfdistill.teachers import TEACHER_FILE
+from selfdistill.trainers.self_distill import SelfDistillConfig, SelfDistillTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors and models: see conftest
 
@@ -161,7 +162,7 @@ def test_teacher_scores_the_students_exact_completion_tokens(kind, tmp_path, tok
 
 
 def test_teacher_logprobs_equal_a_plain_forward_at_the_sampling_temperature(tmp_path, student_dir):
-    trainer = make_trainer(tmp_path, student_dir)  # sdpo preset: EMA teacher, so the snapshot and its head are used
+    trainer = make_trainer(tmp_path, student_dir)  # sdpo preset: EMA teacher, so its copy and its head are used
     calls = record_teacher_calls(trainer)
     one_batch(trainer)
     (prompt_ids, prompt_mask, completion_ids, completion_mask), scores = calls[0]
@@ -207,12 +208,12 @@ def test_ema_teacher_is_the_ema_of_the_parameter_trajectory(tmp_path, student_di
     assert len(record.after_step) == steps
     for params in record.after_step:  # θ_T ← (1 − r)·θ_T + r·θ after each step, from θ_T = θ_0
         expected = {name: (1 - rate) * value + rate * params[name] for name, value in expected.items()}
-    assert trainer.teacher.snapshot.keys() == expected.keys()
+    assert trainer.teacher.state().keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(trainer.teacher.snapshot[name], value, atol=1e-6, rtol=0)
+        torch.testing.assert_close(trainer.teacher.state()[name], value, atol=1e-6, rtol=0)
     # Not trivial: the teacher lags the student, which moved.
     final = record.after_step[-1]
-    assert any(not torch.allclose(trainer.teacher.snapshot[n], final[n], atol=1e-4) for n in final)
+    assert any(not torch.allclose(trainer.teacher.state()[n], final[n], atol=1e-4) for n in final)
 
 
 def fixed_sequence(tokenizer):
@@ -226,8 +227,8 @@ def test_base_teacher_never_moves(tmp_path, tokenizer, student_dir):
     start = trainable(trainer.model)
     trainer.train()
 
-    assert trainer.teacher.snapshot.keys() == start.keys()
-    assert all(torch.equal(trainer.teacher.snapshot[n], start[n]) for n in start)
+    assert trainer.teacher.state().keys() == start.keys()
+    assert all(torch.equal(trainer.teacher.state()[n], start[n]) for n in start)
     assert any(not torch.equal(p, start[n]) for n, p in trainable(trainer.model).items())  # the student did move
     prompt_ids, prompt_mask, completion_ids, completion_mask = fixed_sequence(tokenizer)
     scores = trainer.teacher.score(prompt_ids, prompt_mask, completion_ids, completion_mask)
@@ -238,7 +239,7 @@ def test_base_teacher_never_moves(tmp_path, tokenizer, student_dir):
 
 def test_live_teacher_scores_with_the_current_weights(tmp_path, tokenizer, student_dir):
     trainer = make_trainer(tmp_path, student_dir, teacher="live", max_steps=1)
-    assert trainer.teacher.snapshot is None
+    assert trainer.teacher.state() is None
     trainer.train()
 
     prompt_ids, prompt_mask, completion_ids, completion_mask = fixed_sequence(tokenizer)
@@ -275,7 +276,7 @@ class CopyTeacherOnSave(TrainerCallback):
         self.teacher, self.saved = teacher, {}
 
     def on_save(self, args, state, control, **kwargs):
-        self.saved[state.global_step] = {n: t.clone() for n, t in self.teacher.snapshot.items()}
+        self.saved[state.global_step] = {n: t.clone() for n, t in self.teacher.state().items()}
 
 
 def test_resume_restores_the_ema_teacher_bit_exactly(tmp_path, student_dir):
@@ -288,17 +289,17 @@ def test_resume_restores_the_ema_teacher_bit_exactly(tmp_path, student_dir):
     first.add_callback(copies)
     first.train()
     checkpoint = tmp_path / "first" / "checkpoint-2"
-    assert (checkpoint / TEACHER_CHECKPOINT_FILE).exists()
+    assert (checkpoint / TEACHER_FILE).exists()
     at_step_2 = copies.saved[2]
 
     resumed = make_trainer(tmp_path / "resumed", student_dir, **options)
-    assert any(not torch.equal(resumed.teacher.snapshot[n], at_step_2[n]) for n in at_step_2)  # starts elsewhere
+    assert any(not torch.equal(resumed.teacher.state()[n], at_step_2[n]) for n in at_step_2)  # starts elsewhere
     loaded = {}
     load = resumed._load_optimizer_and_scheduler
 
     def load_and_copy(path):
         load(path)
-        loaded.update({n: t.clone() for n, t in resumed.teacher.snapshot.items()})
+        loaded.update({n: t.clone() for n, t in resumed.teacher.state().items()})
 
     resumed._load_optimizer_and_scheduler = load_and_copy
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -307,8 +308,8 @@ def test_resume_restores_the_ema_teacher_bit_exactly(tmp_path, student_dir):
     assert all(torch.equal(loaded[n], at_step_2[n]) for n in at_step_2)
     # Resuming at step 2 and training to 4 gives the uninterrupted run's teacher: the checkpoint carries the RNG state
     # (so the same rollouts are sampled) and the data order is replayed.
-    final = first.teacher.snapshot
-    assert all(torch.equal(resumed.teacher.snapshot[n], final[n]) for n in final)
+    final = first.teacher.state()
+    assert all(torch.equal(resumed.teacher.state()[n], final[n]) for n in final)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

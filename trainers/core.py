@@ -15,11 +15,14 @@ optional logit-level term adds `distill_loss_weight · JSD_β(S‖T)` over the f
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
 
 from ..losses import importance_weights, jsd, jsd_on_teacher_topk, masked_mean, reverse_kl_advantage, token_logprobs
+from ..sharding import in_forward, whole_heads
 from ..teachers import causal_lm_parts
 from ..vllm_sync import cpu_server_generation, fix_vllm_cpu_weight_sync
 from .guards import Guards, check_finite_loss
@@ -199,8 +202,11 @@ class DenseDistillTrainer(GRPOTrainer):
             scores = self.teacher.score(teacher_prompt_ids, teacher_prompt_mask, completion_ids, completion_mask)
         mask_BT = completion_mask * batch.get("tool_mask", 1) * has_teacher_B.unsqueeze(1).to(completion_mask.dtype)
         batch["teacher_logps"], batch["distill_mask"], batch["has_teacher"] = scores.logp_BT, mask_BT, has_teacher_B
+        # Over the whole generation batch and every process, like GRPO's `num_items_in_batch`: the logit-level term
+        # is normalised by it, so that its gradient does not depend on how the batch is split (ranks, accumulation).
+        batch["num_distill_tokens"] = self.accelerator.gather(mask_BT.sum()).sum()
         if self.model.training:
-            signal = self.accelerator.reduce(mask_BT.sum().float(), reduction="sum").item()
+            signal = batch["num_distill_tokens"].item()
             self.guards.record_teacher_signal(signal, self._no_teacher_signal_cause())
             self.guards.record_reward(self._metrics["train"]["reward"][-1])  # GRPO's mean over all ranks
         if self.args.distill_loss_weight:
@@ -275,16 +281,22 @@ class DenseDistillTrainer(GRPOTrainer):
         # On-policy the IS weights are exactly 1: the log-probs at sampling came from this very forward.
         if args.distill_is_clip is not None and "old_per_token_logps" in inputs:
             per_token = per_token * importance_weights(logp_now, inputs["student_logps_at_sampling"], args.distill_is_clip)
-        distill_loss = masked_mean(per_token, mask_BT)
+        # Σ over this micro-batch / (the generation batch's tokens per process and accumulation step): summed over
+        # micro-batches and averaged over processes by the gradient reduction, it is the mean over all of them,
+        # exactly as GRPO's "dapo" normalisation (for one process and no accumulation, the plain masked mean).
+        normalizer = inputs["num_distill_tokens"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / args.steps_per_generation
+        distill_loss = (per_token * mask_BT).sum() / normalizer
         if args.stop_on_nonfinite:
             check_finite_loss(self, policy=loss, distillation=distill_loss)
-        self._metrics[mode]["distill/logit_loss"].append(self.accelerator.gather(distill_loss.detach()).mean().item())
+        logit_loss = masked_mean(per_token.detach(), mask_BT)  # this micro-batch's mean, for the log
+        self._metrics[mode]["distill/logit_loss"].append(self.accelerator.gather(logit_loss).mean().item())
         if args.distill_top_k is not None:  # a rank without unmasked rows recorded nothing: zeros keep the sums aligned
             masses = _stat_sums(self, ("support_mass_student", "support_mass_teacher", "support_rows"))
             for name, mass in zip(("support_mass_student", "support_mass_teacher"), masses[:2] / masses[2].clamp(min=1)):
                 self._metrics[mode][f"distill/{name}"].append(mass.item())
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        return loss + args.distill_loss_weight * distill_loss / accumulation
+        return loss + args.distill_loss_weight * distill_loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -301,7 +313,14 @@ class DenseDistillTrainer(GRPOTrainer):
         """Inside `_compute_loss`: the student's completion log-probs and entropies for GRPO's loss, and the logit-level
         term, from one chunked projection of the hidden states (`losses.jsd(..., tokens_BT=)`), where GRPO's fused head
         and the distillation term would each project them. On-policy, the `(B, T)` advantages are formed here from
-        these log-probs, before GRPO's loss reads them. GRPO's other uses (old and reference log-probs) are unchanged."""
+        these log-probs, before GRPO's loss reads them. GRPO's other uses (old and reference log-probs) are unchanged.
+
+        Where it runs, and why: inside the wrapped model's forward (`sharding.in_forward`), with the LM head read whole
+        (`sharding.whole_heads`, entered again by the backward pass). That is the one place where DDP's reducer,
+        ZeRO-3's gathering and gradient reduction, and FSDP2's unsharded root parameters are all in effect, so the
+        gradient reaches the (sharded) head and every other parameter reduced across ranks, as for TRL's own fused
+        head (`add_fused_lm_head`). Reading the head outside (before) gave an empty ZeRO-3 weight, an FSDP2 shard with
+        unreduced gradients, and a loss that skips DDP's all-reduce (trl#7245)."""
         inputs = self._loss_inputs
         if inputs is None:
             return super()._get_per_token_logps_and_entropies(
@@ -309,34 +328,55 @@ class DenseDistillTrainer(GRPOTrainer):
                 **multimodal)
         if any(value is not None for value in multimodal.values()):
             raise NotImplementedError("selfdistill's trainers take text-only prompts: the teacher scores token ids.")
-        args, completion_ids, completion_mask = self.args, inputs["completion_ids"], inputs["completion_mask"]
-        backbone, head = causal_lm_parts(model)
+        with self.accelerator.autocast():
+            logp, entropy, per_token, aux_loss = in_forward(
+                model, partial(self._student_terms_in_forward, getattr(model, "module", model)), input_ids=input_ids,
+                attention_mask=attention_mask, logits_to_keep=logits_to_keep, compute_aux_loss=compute_aux_loss)
+        self._student_terms = (logp.detach(), per_token)
+        if "student_logps_at_sampling" not in inputs:
+            self._add_dense_term(inputs, logp.detach())
+        return logp, entropy, aux_loss
+
+    def _student_terms_in_forward(self, module, input_ids, attention_mask, logits_to_keep, compute_aux_loss):
+        """The body of `_get_per_token_logps_and_entropies`, run as the forward of the wrapped `module`: its own
+        forward (head on one position only), whose backbone's last hidden states a hook keeps, then the projection."""
+        args, inputs = self.args, self._loss_inputs
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        backbone, head = causal_lm_parts(module)
         captured = []
-        handle = backbone.register_forward_hook(lambda module, hook_args, out: captured.append(out.last_hidden_state))
+        handle = backbone.register_forward_hook(lambda mod, hook_args, out: captured.append(out.last_hidden_state))
         try:
             router = {"output_router_logits": True} if compute_aux_loss else {}
-            with self.accelerator.autocast():  # through the wrapped model (DDP, FSDP, PEFT); the head on 1 position only
-                outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False,
-                                **router)
+            outputs = module.forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
+                                     use_cache=False, **router)
         finally:
             handle.remove()
         hidden_s = captured[0][:, -logits_to_keep - 1 : -1]  # position P−1+t predicts completion token t
         self._term_stats = stats = {}
-        common = dict(temperature=self.temperature, tokens_BT=completion_ids, stats=stats)
-        per_token = None
-        if not args.distill_loss_weight:
-            logp, entropy = token_logprobs(hidden_s, completion_ids, completion_mask, head=head,
-                                           temperature=self.temperature, entropy=True, stats=stats)
-        elif "teacher_topk_ids" in inputs:  # a vLLM-served teacher: its top-k log-probs, not its hidden states
-            per_token, logp, entropy = jsd_on_teacher_topk(
-                hidden_s, head, inputs["teacher_topk_ids"], inputs["teacher_topk_logps"], completion_mask,
-                beta=args.distill_beta, add_tail=args.distill_add_tail, **common)
-        else:
-            per_token, logp, entropy = jsd(
-                hidden_s, inputs["teacher_hidden"], completion_mask, student_head=head, teacher_head=self.teacher.head,
-                beta=args.distill_beta, top_k=args.distill_top_k, support=args.distill_support,
-                add_tail=args.distill_add_tail, **common)
-        self._student_terms = (logp.detach(), per_token)
-        if "student_logps_at_sampling" not in inputs:
-            self._add_dense_term(inputs, logp.detach())
-        return logp, entropy, outputs.aux_loss if compute_aux_loss else None
+        teacher_head = self.teacher.head if args.distill_loss_weight and "teacher_hidden" in inputs else None
+        with whole_heads(head, teacher_head) as ((head, teacher_head), gathered):
+            common = dict(temperature=self.temperature, tokens_BT=completion_ids, stats=stats, weights_context=gathered)
+            per_token = None
+            if not args.distill_loss_weight:
+                logp, entropy = token_logprobs(hidden_s, completion_ids, completion_mask, head=head, entropy=True,
+                                               temperature=self.temperature, stats=stats, weights_context=gathered)
+            elif "teacher_topk_ids" in inputs:  # a vLLM-served teacher: its top-k log-probs, not its hidden states
+                per_token, logp, entropy = jsd_on_teacher_topk(
+                    hidden_s, head, inputs["teacher_topk_ids"], inputs["teacher_topk_logps"], completion_mask,
+                    beta=args.distill_beta, add_tail=args.distill_add_tail, **common)
+            else:
+                per_token, logp, entropy = jsd(
+                    hidden_s, inputs["teacher_hidden"], completion_mask, student_head=head, teacher_head=teacher_head,
+                    beta=args.distill_beta, top_k=args.distill_top_k, support=args.distill_support,
+                    add_tail=args.distill_add_tail, **common)
+        return logp, entropy, per_token, outputs.aux_loss if compute_aux_loss else None
+
+    def _prepare_teacher_model(self, model):
+        """A frozen teacher network placed as GRPOTrainer places its reference model: a ZeRO-3 inference engine (or a
+        stage-0 replica under ZeRO-1/2), FSDP shards, or on the device."""
+        model.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(model, self.accelerator)
+        return self.accelerator.prepare_model(model, evaluation_mode=True)

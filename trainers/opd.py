@@ -11,7 +11,6 @@ One GPU, vLLM colocate:
 from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer, PreTrainedModel
-from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path
 
 from ..teachers import ModelTeacher, check_same_vocabulary
@@ -98,15 +97,7 @@ class OnPolicyDistillTrainer(DenseDistillTrainer):
             if v_s != v_t:
                 raise ValueError(f"The logit-level term needs equal vocabulary sizes; student {v_s}, teacher {v_t}.")
 
-        teacher_model.eval().requires_grad_(False)
-        # Placed like GRPOTrainer places its reference model.
-        if self.is_deepspeed_enabled:
-            teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-        elif self.is_fsdp_enabled:
-            teacher_model = prepare_fsdp(teacher_model, self.accelerator)
-        else:
-            teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        self.teacher_model = teacher_model
+        self.teacher_model = teacher_model = self._prepare_teacher_model(teacher_model)
         self.teacher = ModelTeacher(
             teacher_model, self.temperature, args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight)
         )

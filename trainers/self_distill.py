@@ -25,13 +25,14 @@ prompt A_group is 0 (GRPO has no group to compare with), so the weight has no ef
 
 import os
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl.trainer.utils import pad
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, pad
 
 from ..context import SOURCES, Templates, context_leakage, teacher_prompt, teacher_prompts
 from ..rewards import FEEDBACK_KEY
@@ -51,7 +52,6 @@ PRESETS = {
                  objective="logits", distill_beta=0.5, distill_top_k=None, distill_add_tail=False,
                  distill_is_clip=None, success_threshold=1.0),
 }
-TEACHER_CHECKPOINT_FILE = "self_teacher_weights.pt"
 
 
 class _OneGeneration(int):
@@ -150,6 +150,8 @@ class SelfDistillConfig(DistillConfig):
 
 
 class _UpdateTeacher(TrainerCallback):
+    """The EMA step, after each optimizer step (so a step that a guard stops never reaches the teacher)."""
+
     def __init__(self, teacher: SelfTeacher):
         self.teacher = teacher
 
@@ -183,11 +185,27 @@ class SelfDistillTrainer(DenseDistillTrainer):
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
             self.teacher = generation_engine_teacher(self.vllm_generation, tokenizer, self.temperature)
         else:
+            copy = None if args.teacher == "live" or is_peft_model(self.model) else self._teacher_copy()
             self.teacher = SelfTeacher(self.model, args.teacher, args.teacher_update_rate, self.temperature,
-                                       args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight))
+                                       args.per_device_train_batch_size, return_hidden=bool(args.distill_loss_weight),
+                                       copy=copy)
         if args.teacher == "ema":
             self.add_callback(_UpdateTeacher(self.teacher))
         self._check_static_contexts_fit()
+
+    def _teacher_copy(self):
+        """The EMA or base teacher's own network: a copy of the student, prepared as the student is sharded (see
+        `SelfTeacher`). Under ZeRO-3 the student is already partitioned here, so the copy is loaded again from the
+        student's checkpoint, as GRPOTrainer builds its reference model; elsewhere it is a deep copy of the weights."""
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            init_kwargs = dict(self.args.model_init_kwargs or {})
+            init_kwargs.setdefault("dtype", self.model.dtype)
+            init_kwargs.setdefault("device_map", None)
+            copy = create_model_from_path(get_config_model_id(self.model.config), **init_kwargs)
+        else:
+            copy = deepcopy(self.model)
+        disable_dropout_in_model(copy)
+        return self._prepare_teacher_model(copy)
 
     def _max_teacher_length(self) -> int:
         """The most tokens a teacher context plus a completion may hold: the model's positions (and vLLM's length
@@ -317,15 +335,11 @@ class SelfDistillTrainer(DenseDistillTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        # A teacher scored by vLLM is live and has no snapshot.
-        if getattr(self.teacher, "snapshot", None) is not None and self.args.should_save:
+        if isinstance(self.teacher, SelfTeacher):  # a teacher scored by vLLM is live and has no weights of its own
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self.teacher.snapshot, os.path.join(folder, TEACHER_CHECKPOINT_FILE))
+            self.teacher.save(folder, self.accelerator)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = None if checkpoint is None else os.path.join(checkpoint, TEACHER_CHECKPOINT_FILE)
-        if path is not None and os.path.exists(path):
-            saved = torch.load(path, map_location="cpu")
-            for name, tensor in self.teacher.snapshot.items():
-                tensor.copy_(saved[name])
+        if checkpoint is not None and isinstance(self.teacher, SelfTeacher):
+            self.teacher.load(checkpoint, self.accelerator)
