@@ -48,17 +48,17 @@ def char_length_reward(completions, **kwargs) -> list[float]:
 
 
 class Replay:
-    """Mixin for a trainer: completions come from `ANSWERS` instead of sampling. Rollout j of a prompt (j-th
-    occurrence in the call, so a whole group must sit on one rank) gets answer j."""
+    """Mixin for a trainer: completions come from `ANSWERS` instead of sampling. Rollout j of a group gets answer j;
+    j is the rollout's place in its group, from its row in the global batch (groups are consecutive rows, and rank r
+    holds rows r·B to (r+1)·B − 1), so a group split across ranks gets the same answers as on one process."""
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         tokenizer = self.processing_class
-        seen, completions = {}, []
-        for ids in prompt_ids:
-            text = tokenizer.decode(ids)
-            i = int(re.search(r"What is (\d+) \+ 3", text).group(1))
-            j = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
-            answer = ANSWERS[j % len(ANSWERS)].format(right=i + 3, wrong=i + 4)
+        first_row = self.accelerator.process_index * len(prompt_ids)
+        completions = []
+        for row, ids in enumerate(prompt_ids, start=first_row):
+            i = int(re.search(r"What is (\d+) \+ 3", tokenizer.decode(ids)).group(1))
+            answer = ANSWERS[row % num_generations % len(ANSWERS)].format(right=i + 3, wrong=i + 4)
             completions.append(tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id])
         return completions, None
 
@@ -75,12 +75,39 @@ def opd_trainer(output_dir, student_dir, teacher_dir, per_device, **overrides):
                      train_dataset=prompts())
 
 
+class RecordContexts:
+    """Mixin for SelfDistillTrainer: `self.contexts`, per generation batch, each local rollout's teacher prompt (as
+    text) and its `(B, T)` advantages, keyed by its (prompt, completion) text."""
+
+    contexts: list
+
+    def _teacher_prompts(self, inputs, batch):
+        prompt_ids, prompt_mask, has_teacher = super()._teacher_prompts(inputs, batch)
+        decode = self.processing_class.decode
+        keys = [(decode(p[pm.bool()]), decode(c[cm.bool()])) for p, pm, c, cm in
+                zip(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])]
+        self.contexts.append({key: {"teacher_prompt": decode(t[tm.bool()]) if h else None}
+                              for key, t, tm, h in zip(keys, prompt_ids, prompt_mask, has_teacher)})
+        return prompt_ids, prompt_mask, has_teacher
+
+    def _add_dense_term(self, batch, student_logp_BT):
+        super()._add_dense_term(batch, student_logp_BT)
+        decode = self.processing_class.decode
+        for p, pm, c, cm, advantages in zip(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                                            batch["completion_mask"], batch["advantages"]):
+            self.contexts[-1][decode(p[pm.bool()]), decode(c[cm.bool()])]["advantages"] = advantages[cm.bool()].detach()
+
+
 def sdpo_trainer(output_dir, student_dir, per_device, peft_config=None, replay=True, **overrides):
     from selfdistill.rewards import MathAccuracy
     from selfdistill.trainers import SelfDistillConfig, SelfDistillTrainer
 
-    class ReplaySDPO(Replay, SelfDistillTrainer):
-        pass
+    class ReplaySDPO(Replay, RecordContexts, SelfDistillTrainer):
+        contexts = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.contexts = []
 
     # The sdpo preset (EMA teacher, JSD on the student's top-k with a tail bucket) with a fast EMA and a small k.
     options = dict(mode="sdpo", teacher="ema", teacher_update_rate=0.3, distill_top_k=5, **COMMON)
@@ -203,6 +230,11 @@ def main(strategy: str, out_dir: str, student_dir: str, teacher_dir: str, *cases
             trainer = OnPolicyDistillTrainer(model=student_dir, teacher_model=teacher_dir, args=args,
                                              reward_funcs=[char_length_reward], train_dataset=prompts())
             results[case] = run(trainer)
+        elif case == "split":  # 3 groups of 4 on 2 ranks of 6: the middle group is split across the ranks
+            trainer = sdpo_trainer(output_dir, student_dir, 6, objective="sampled_token", **extra)
+            steps = run(trainer)
+            torch.save(trainer.contexts, os.path.join(out_dir, f"split.contexts.rank{trainer.accelerator.process_index}"))
+            results[case] = steps
         elif case == "smoke-sdpo":
             results[case] = run(sdpo_trainer(output_dir, student_dir, NUM_GENERATIONS, replay=False, **extra))
         else:

@@ -168,24 +168,6 @@ def test_shared_prompts_give_the_hidden_states_of_full_forwards(student_dir, tok
     torch.testing.assert_close(shared[mask], torch.stack(full)[mask], atol=1e-5, rtol=1e-5)
 
 
-def test_grpo_head_scores_only_completions_on_cpu_with_the_same_values(tmp_path, student_dir, teacher_dir):
-    """`score_only_completions_on_cpu`: after a trainer is built on CPU, TRL's fused head takes the compact layout
-    (only positions with a label), and GRPO's per-token log-probs still equal a plain forward's."""
-    import trl.trainer.utils as trl_utils
-
-    trainer = make_trainer(tmp_path, student_dir, teacher_dir)
-    assert trl_utils._use_triton(torch.device("cpu"))
-    batch = score_one_batch(trainer)
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    with torch.no_grad():
-        logps = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, attention_mask,
-                                                           batch["completion_ids"].shape[1])[0]
-    mask = batch["completion_mask"].bool()
-    expected = completion_logprobs(trainer.model, batch, trainer.temperature)
-    torch.testing.assert_close(logps[mask], expected[mask], atol=1e-5, rtol=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. It learns: the student's reverse KL to the teacher on held-out prompts drops.
 

@@ -62,13 +62,21 @@ def launch(tmp_path, strategy: str, student_dir: str, teacher_dir: str, *cases: 
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(out / "accelerate.yaml"),
                    "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port())]
         env["DS_ACCELERATOR"] = "cpu"
+    elif strategy == "ddp":  # accelerate's multi-process launcher; use_cpu in the config makes it gloo on CPU
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port())]
+        env["ACCELERATE_USE_CPU"] = "1"
     else:  # fsdp2: torchrun; the script lets accelerate pick FSDP on CPU (see its docstring)
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                    "--master_port", str(free_port())]
     command += [str(SCRIPT), strategy, str(out), student_dir, teacher_dir, *cases]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return {path.stem: torch.load(path, weights_only=False) for path in out.glob("*.pt")}
+    runs = {path.stem: torch.load(path, weights_only=False) for path in out.glob("*.pt")}
+    for path in out.glob("*.contexts.rank*"):
+        runs[path.name] = torch.load(path, weights_only=False)
+    return runs
 
 
 def reference(tmp_path, case: str, student_dir: str, teacher_dir: str) -> dict:
@@ -175,3 +183,26 @@ def test_zero2_smoke_with_real_sampling(tmp_path, untied_student_dir, teacher_di
         for step in runs[case].values():
             assert torch.isfinite(torch.tensor(step["loss"]))
             assert all(torch.isfinite(w).all() for w in step["weights"].values())
+
+
+def test_ddp_self_distillation_with_a_group_split_across_ranks(tmp_path, student_dir, teacher_dir):
+    """Each step's 12 rollouts are 3 prompts × 4; rank 0 holds rows 0-5, rank 1 rows 6-11, so the middle group's
+    rewards, feedback and successful siblings live on both ranks. Every rollout's teacher prompt (which shows a
+    sibling from the other rank) and its `(B, T)` advantages, and the weights after each step, must equal those of
+    one process holding all 12."""
+    runs = launch(tmp_path, "ddp", student_dir, teacher_dir, "split")
+    trainer = _sharded.sdpo_trainer(str(tmp_path / "ref"), student_dir, 12, objective="sampled_token")
+    ref = _sharded.run(trainer)
+    ranks = [runs[f"split.contexts.rank{r}"] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(trainer.contexts) == _sharded.STEPS
+    for step, expected in enumerate(trainer.contexts):
+        got = {**ranks[0][step], **ranks[1][step]}
+        prompts_on = [{p for p, _ in rank[step]} for rank in ranks]
+        assert prompts_on[0] & prompts_on[1], "no group was split across the ranks"
+        assert got.keys() == expected.keys()
+        assert any(c["teacher_prompt"] and "Correct solution" in c["teacher_prompt"] for c in got.values())
+        for key, want in expected.items():
+            assert got[key]["teacher_prompt"] == want["teacher_prompt"], key
+            torch.testing.assert_close(got[key]["advantages"], want["advantages"], atol=1e-5, rtol=0)
+    for step in ref:
+        assert_same_weights(runs["split"][step]["weights"], ref[step]["weights"], f"ddp step {step}")

@@ -104,32 +104,6 @@ class DistillConfig(GRPOConfig):
             raise ValueError(f"collapse_fraction must be in (0, 1) or None, got {self.collapse_fraction}")
 
 
-def score_only_completions_on_cpu() -> None:
-    """Make GRPO's fused LM head project only the completion positions on CPU too (TRL 1.16).
-
-    `trl.trainer.utils._fused_forward` projects only the positions with a label on Triton devices, and every position
-    elsewhere, because on devices that compile per shape (Neuron) a varying count would recompile each batch. CPU
-    compiles nothing, so there the prompt positions only cost time and memory: on the 38M-parameter model of
-    benchmarks/sdpo_vs_trl.py (16 rollouts, prompts of ~30 tokens, completions of 32) plain GRPOTrainer's step peaked
-    at +1.9 GiB. This rebinds the name `_use_triton` in that module only, where it picks the compact layout, to be
-    true on CPU as well; which kernel runs (`trl.kernels.chunked_logprob` keeps its own name) and other devices are
-    unchanged. The values are the same, only fewer rows are computed. Our loss projects the student itself (see
-    `DenseDistillTrainer._get_per_token_logps_and_entropies`); GRPO's fused head still computes the log-probs at
-    sampling when they differ from the loss's (vLLM, several iterations per batch) and the reference model's.
-    """
-    import trl.trainer.utils as trl_utils
-
-    use_triton = trl_utils._use_triton
-    if getattr(use_triton, "compact_on_cpu", False):
-        return
-
-    def compact_layout(device: torch.device) -> bool:
-        return device.type == "cpu" or use_triton(device)
-
-    compact_layout.compact_on_cpu = True
-    trl_utils._use_triton = compact_layout
-
-
 def no_reward(completions, **kwargs) -> list[float]:
     """Zero reward, used when a trainer gets `reward_funcs=None` (pure distillation): the KL term is the signal."""
     return [0.0] * len(completions)
@@ -169,7 +143,9 @@ class DenseDistillTrainer(GRPOTrainer):
     Guards: see `trainers/guards.py`.
     """
 
-    _loss_inputs = None  # the batch, while `_compute_loss` runs
+    # The batch, while `_compute_loss` runs: GRPO's loss asks `_get_per_token_logps_and_entropies` for the student's
+    # log-probs without handing it the batch, whose completions and teacher fields our projection needs.
+    _loss_inputs = None
     _student_terms = None  # (log-probs, logit-level term) of that batch, from `_get_per_token_logps_and_entropies`
     _term_stats = None  # diagnostics of that batch's projection, filled by its forward and backward passes
     stop_reason = None  # set when a guard stopped training early (collapse)
@@ -178,8 +154,6 @@ class DenseDistillTrainer(GRPOTrainer):
         with cpu_server_generation(self, kwargs["args"]):  # vLLM server mode with a CPU trainer
             super().__init__(*args, **kwargs)
         fix_vllm_cpu_weight_sync(self)  # colocated vLLM on CPU only; see selfdistill/vllm_sync.py
-        if self.accelerator.device.type == "cpu":
-            score_only_completions_on_cpu()
         self.guards = Guards(self)
         self.add_callback(self.guards)
 
