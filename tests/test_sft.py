@@ -1,11 +1,14 @@
 """SFT (`selfdistill.sft`): the row formats, completion-only loss, and the KL penalty to the starting model against a
 brute-force full-softmax reference, on the tiny fixture model."""
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from selfdistill import cli
 from selfdistill.sft import SFTKLConfig, SFTKLTrainer, as_prompt_completion
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors and models: see conftest
@@ -121,3 +124,29 @@ def test_kl_penalty_adds_exactly_the_full_vocabulary_kl_to_the_start(student_dir
     assert (with_kl - without).item() == pytest.approx(weight * kl.item(), rel=1e-4, abs=1e-6)
     for grad, reference in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(grad, reference.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_sft_method_trains_two_steps_on_generated_rows_with_completion_only_loss(student_dir, tmp_path):
+    """`method: sft` of `selfdistill train` on a JSONL file in the generated format (`train_file`): the trainer the CLI
+    builds puts loss on completion tokens only, and two steps train and log a loss and the KL to the start."""
+    path = tmp_path / "generated.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in generated_rows(8)))
+    argv = ["--method", "sft", "--model_name_or_path", student_dir, "--train_file", str(path),
+            "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no",
+            "--kl_to_start", "0.1", "--learning_rate", "1e-3"]
+    run, config_ = cli.parse_train_args(argv, "sft", use_demo=False)
+    dataset = cli.load_train_data(run, config_)
+    assert dataset.column_names[:2] == ["prompt", "completion"] and "pass_rate" in dataset.column_names
+    trainer = cli.build_trainer("sft", run, config_, student_dir, dataset, rewards=[])
+    assert isinstance(trainer, SFTKLTrainer) and trainer.args.kl_to_start == 0.1
+    for row in trainer.train_dataset:
+        first = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        assert all(label == -100 for label in row["labels"][:first])  # the prompt: no loss
+        assert row["labels"][first:] == row["input_ids"][first:]  # the completion: every token
+        assert trainer.processing_class.decode(row["labels"][first:]).startswith("\\boxed{")
+    trainer.train()
+    losses = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in losses] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in losses)
+    assert losses[-1]["kl_to_start"] > 0  # the model moved off its start after one step
