@@ -333,8 +333,8 @@ def parse_train_args(argv: list[str], method: str, use_demo: bool):
     from trl import TrlParser
 
     parser = TrlParser((RunArguments, config_class(method)), prog="selfdistill train", description=TRAIN_DESCRIPTION)
-    if use_demo:
-        parser.set_defaults_with_config(**DEMO)
+    if use_demo:  # the demo's baseline belongs to the demo's method; another method on the demo's defaults has none
+        parser.set_defaults_with_config(**{k: v for k, v in DEMO.items() if k != "baseline" or method == DEMO["method"]})
     if method in SELF_DISTILL_METHODS:
         parser.set_defaults(mode=method)  # the preset is resolved when the config is built
     try:

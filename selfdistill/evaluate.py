@@ -16,6 +16,7 @@ its pass@1 is the one the run recorded in `eval.json`; an explicit flag wins ove
 import argparse
 import json
 import os
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -169,7 +170,9 @@ def settings(args: argparse.Namespace) -> dict:
              "task_options": args.task_options, "reward_options": args.reward_options}
     chosen = {key: given[key] if given[key] is not None else run.get(key, default) for key, default in defaults.items()}
     if not chosen["tasks"]:
-        raise SystemExit(f"selfdistill eval: error: give --task (no run_args.json with eval_tasks in {args.model})")
+        print(f"selfdistill eval: error: give --task (no run_args.json with eval_tasks in {args.model})",
+              file=sys.stderr)
+        raise SystemExit(2)
     return chosen
 
 

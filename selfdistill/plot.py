@@ -8,6 +8,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 CURVES = {
     "loss": "training loss",
@@ -103,17 +104,23 @@ def _save(fig, output: str) -> str:
     return output
 
 
-def main(argv: list[str]) -> str:
-    """`selfdistill plot`: draw `plot_run` of a run folder and print the PNG's path."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments of `selfdistill plot`."""
     parser = argparse.ArgumentParser(
         prog="selfdistill plot",
         description="Draw a run's curves (loss, reward, distillation metrics, from trainer_state.json or its newest "
                     "checkpoint's) and held-out pass@1 (eval.json) to a PNG.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/demo/sdpo")
     parser.add_argument("--output", help="the PNG to write (default: RUN_DIR/curves.png)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> str:
+    """`selfdistill plot`: draw `plot_run` of a run folder and print the PNG's path."""
+    args = parse_args(argv)
     if not os.path.isdir(args.run_dir):
-        parser.error(f"no run folder {args.run_dir!r}")
+        print(f"selfdistill plot: error: no run folder {args.run_dir!r}", file=sys.stderr)
+        raise SystemExit(2)
     path = plot_run(args.run_dir, args.output)
     print(path)
     return path

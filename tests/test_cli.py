@@ -60,10 +60,11 @@ def _tiny_dataset():
 def test_every_recipe_builds_its_trainer(recipe, student_dir, teacher_dir, tmp_path):
     """Parse the recipe as the CLI does, substitute the tiny models and data, and build the trainer."""
     argv = ["--config", recipe, "--model_name_or_path", student_dir, "--output_dir", str(tmp_path),
-            "--bf16", "false", "--use_vllm", "false", "--gradient_checkpointing", "false", "--use_cpu", "true",
-            "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--num_generations", "4"]
+            "--bf16", "false", "--gradient_checkpointing", "false", "--use_cpu", "true",
+            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"]
     method, _ = cli.peek_method(argv)
+    if method != "sft":  # GRPO's generation fields
+        argv += ["--use_vllm", "false", "--max_completion_length", "8", "--num_generations", "4"]
     if method == "opd":
         argv += ["--teacher_model_name_or_path", teacher_dir]
     run, config = cli.parse_train_args(argv, method, use_demo=False)
@@ -249,3 +250,12 @@ def test_eval_of_a_run_folder_reproduces_the_pass_at_1_the_run_recorded(student_
     capsys.readouterr()
     strict = cli.main(["eval", "--model", str(run_dir), "--reward_options", "{}"])
     assert "| arithmetic | 0.000 | 0.000 | 20 |" in capsys.readouterr().out
+
+
+def test_the_demo_baseline_belongs_to_the_demo_method():
+    """With no --config the demo's values are the defaults; its GRPO baseline only for its own method (SDPO): an SFT
+    run on the demo's defaults must not also train GRPO."""
+    assert cli.parse_train_args(["--use_cpu", "true"], "sdpo", use_demo=True)[0].baseline == "grpo"
+    for method in ("sft", "grpo"):
+        run, _ = cli.parse_train_args(["--method", method, "--use_cpu", "true"], method, use_demo=True)
+        assert run.method == method and run.baseline is None
