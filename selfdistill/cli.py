@@ -106,9 +106,12 @@ class RunArguments:
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
-                    setattr(self, name, json.loads(value))
+                    value = json.loads(value)
                 except json.JSONDecodeError as error:
                     raise BadInput(f"--{name} must be a JSON object, got {value!r}: {error}") from error
+                if not isinstance(value, dict):
+                    raise BadInput(f"--{name} must be a JSON object, got {value!r}")
+                setattr(self, name, value)
 
 
 def resolve_model(name: str, pruned_layers: int = 15, keep_layers: list[int] | None = None) -> str:
@@ -191,13 +194,9 @@ def build_trainer(method: str, run: RunArguments, config, model_path: str, train
 
     if method == "grpo":
         return GRPOTrainer(model=model_path, reward_funcs=rewards, args=config, train_dataset=train_dataset)
-    if method == "opd":
-        if config.teacher_server_url is not None:  # a teacher served by vLLM
-            teacher = None
-        elif run.teacher_model_name_or_path is None:
-            raise BadInput("method 'opd' needs teacher_model_name_or_path or --teacher_server_url")
-        else:
-            teacher = resolve_model(run.teacher_model_name_or_path, run.pruned_layers)
+    if method == "opd":  # a local teacher, or None for one served by vLLM (teacher_server_url)
+        teacher = None if config.teacher_server_url is not None else resolve_model(run.teacher_model_name_or_path,
+                                                                                   run.pruned_layers)
         return OnPolicyDistillTrainer(model=model_path, teacher_model=teacher, reward_funcs=rewards or None,
                                       args=config, train_dataset=train_dataset)
     return SelfDistillTrainer(model=model_path, reward_funcs=rewards, args=config, train_dataset=train_dataset)
@@ -243,7 +242,7 @@ def _load_rows(path: str):
 
 def check_inputs(method: str, run: RunArguments, config, dataset) -> None:
     """Refuse, before any model is loaded, a dataset without the columns the method, its rewards or its teacher
-    contexts read (checked on the first row's columns), and unknown held-out tasks."""
+    contexts read (checked on the first row's columns), an OPD run without a teacher, and unknown held-out tasks."""
     from .evaluate import TASK_REWARDS
 
     unknown = [task for task in run.eval_tasks if task not in TASK_REWARDS]
@@ -260,6 +259,8 @@ def check_inputs(method: str, run: RunArguments, config, dataset) -> None:
         return
     if "prompt" not in columns:
         raise BadInput(f"method {method!r} needs a 'prompt' column; the dataset has {sorted(columns)}")
+    if method == "opd" and config.teacher_server_url is None and run.teacher_model_name_or_path is None:
+        raise BadInput("method 'opd' needs teacher_model_name_or_path or --teacher_server_url")
     for name in run.reward_funcs:
         for choices in REWARD_COLUMNS.get(name, ()):
             if not columns & set(choices):

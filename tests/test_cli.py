@@ -177,6 +177,8 @@ BAD_INPUTS = {  # case: (extra argv, or a function of tmp_path giving it; the me
         "generation_batch_size (6) must be divisible by num_generations (4). Each prompt's num_generations rollouts "
         "must fit whole in a generation batch, which is per_device_train_batch_size"),
     "reward_options not JSON": (["--reward_options", "{accuracy: 1}"], "--reward_options must be a JSON object"),
+    "dataset_options not an object": (["--dataset_options", "[2]"], "--dataset_options must be a JSON object"),
+    "opd without a teacher": (["--method", "opd"], "method 'opd' needs teacher_model_name_or_path"),
     "a field the method lacks": (["--method", "sft", "--num_generations", "8"],
                                  "Some specified arguments are not used by the HfArgumentParser: ['--num_generations'"),
 }
