@@ -8,9 +8,12 @@ only completion tokens carry loss), and, with `kl_to_start = w > 0`, the loss
 
 over the N completion tokens of the batch, the KL over the full vocabulary. π_start is a frozen copy of the model
 taken when the trainer is built. This is the usual continual-learning baseline "SFT with a KL penalty to the start"
-(the penalty keeps the tuned model's next-token distributions near the start's on the new data). The KL is computed from hidden states with the project's chunked divergence
-(`losses.jsd` with β=1, reverse KL(S‖T) with S = π_θ, T = π_start), never materialising `(B, T, V)` logits; the
-student's hidden states are those of TRL's own loss forward (one student forward per step).
+(the penalty keeps the tuned model's next-token distributions near the start's on the new data). The KL is computed
+from hidden states with the project's chunked divergence (`losses.jsd` with β=1, reverse KL(S‖T) with S = π_θ,
+T = π_start), never materialising `(B, T, V)` logits; the student's hidden states are those of TRL's own loss
+forward (one student forward per step, plus one no-grad forward of the start). The penalty costs a second copy of
+the weights; under DDP each process keeps its own (ZeRO-3/FSDP2 shard the head, which `losses.jsd` reads whole: not
+supported, as for the distillation trainers).
 
 Row formats (`datasets.Dataset`):
 - `prompt` + `completion`: plain strings, or chat messages (a list of `{"role", "content"}`);
