@@ -261,3 +261,26 @@ def test_the_demo_baseline_belongs_to_the_demo_method():
     for method in ("sft", "grpo"):
         run, _ = cli.parse_train_args(["--method", method, "--use_cpu", "true"], method, use_demo=True)
         assert run.method == method and run.baseline is None
+
+
+def test_training_rows_come_from_a_jsonl_file_a_saved_folder_or_the_demonstrations_task(tmp_path):
+    """`train_file` reads JSONL and `save_to_disk` folders (a Dataset or a DatasetDict's train split), cut to
+    `train_size` with the seed; `dataset_name: demonstrations` reads a local JSONL. Each passes the SFT input check."""
+    from datasets import DatasetDict
+
+    rows = [{"prompt": f"What is {i} + 1?", "completion": f" {i + 1}", "reward": 1.0} for i in range(6)]
+    jsonl = _write_rows(tmp_path / "rows.jsonl", rows)
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved_dict"))
+    demos = _write_rows(tmp_path / "demos.jsonl", [{"prompt": r["prompt"], "demonstration": r["completion"]}
+                                                   for r in rows])
+    base = ["--method", "sft", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true"]
+    for extra, size in ((["--train_file", jsonl], 6), (["--train_file", str(tmp_path / "saved")], 6),
+                        (["--train_file", str(tmp_path / "saved_dict"), "--train_size", "4"], 4),
+                        (["--dataset_name", "demonstrations", "--dataset_options",
+                          json.dumps({"path": "json", "data_files": demos})], 6)):
+        run, config = cli.parse_train_args(base + extra, "sft", use_demo=False)
+        dataset = cli.load_train_data(run, config)
+        assert len(dataset) == size and "prompt" in dataset.column_names
+        assert {"completion", "demonstration"} & set(dataset.column_names)
+        cli.check_inputs("sft", run, config, dataset)
