@@ -3,9 +3,20 @@
 Several tasks in one call let a continual-learning run show what was gained on the new task and what was kept on
 the old one. Each task is scored with its own reward (`TASK_REWARDS`); pass@1 is the fraction of problems whose
 single completion (greedy, or one sample) gets the full reward 1.0.
+
+`selfdistill eval` is `main(argv)`. Given the output folder of a `selfdistill train` run, it reads the run's
+`run_args.json` and evaluates as the run did (its tasks, problems, generation length, task and reward options), so
+its pass@1 is the one the run recorded in `eval.json`; an explicit flag wins over the run's value.
+
+    selfdistill eval --model runs/demo/sdpo
+    selfdistill eval --model runs/demo/sdpo --reward_options '{"accuracy": {}}'   # grade strictly instead
+    selfdistill eval --model smollm2 --task arithmetic --task humaneval --n 50 --output eval.json
 """
 
+import argparse
 import json
+import os
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -18,6 +29,7 @@ from .teachers import ModelTeacher
 
 TASK_REWARDS = {"arithmetic": "accuracy", "humaneval": "code", "gsm8k": "accuracy", "math": "accuracy",
                 "deepmath": "accuracy", "openthoughts": "accuracy"}
+MAX_NEW_TOKENS = 64  # tokens generated per problem when neither a flag nor a run says otherwise
 
 
 def _generated(model, tokenizer, prompts: list, *, max_new_tokens: int, temperature: float, batch_size: int,
@@ -45,7 +57,7 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperatur
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 50, seed: int = 0, temperature: float = 0.0,
-             max_new_tokens: int = 64, batch_size: int = 16, task_options: dict | None = None,
+             max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, task_options: dict | None = None,
              reward_options: dict | None = None) -> dict:
     """`{task: {"pass@1", "mean_reward", "n"}}` on the held-out ("test") split of each task.
 
@@ -102,13 +114,77 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def evaluate_path(path: str, tasks: list[str], output: str | None = None, **options) -> dict:
-    """Load a checkpoint, evaluate it, optionally write JSON."""
+    """Load a checkpoint, evaluate it, optionally write JSON (the model, the results and the options used)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     results = evaluate(model, tokenizer, tasks, **options)
     if output:
         with open(output, "w") as f:
-            json.dump({"model": path, "results": results}, f, indent=2)
+            json.dump({"model": path, "results": results, "options": options}, f, indent=2)
+    return results
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags of `selfdistill eval`; those left unset are None, filled by `settings`."""
+    parser = argparse.ArgumentParser(
+        prog="selfdistill eval",
+        description="Held-out pass@1 and mean reward of a model on built-in tasks. MODEL may be the output folder of "
+                    "a 'selfdistill train' run: its run_args.json then gives the defaults of --task, --n, --seed, "
+                    "--max_new_tokens, --task_options and --reward_options, so the evaluation grades as the run did.")
+    parser.add_argument("--model", required=True, help="checkpoint folder, hub id, 'smollm2', or a run folder")
+    parser.add_argument("--task", action="append", choices=sorted(TASK_REWARDS),
+                        help="a task to evaluate on (repeatable); default: the run's eval_tasks")
+    parser.add_argument("--n", type=int, help="held-out problems per task; default: the run's eval_size, else 50")
+    parser.add_argument("--seed", type=int, help="which held-out problems; default: the run's seed, else 0")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy pass@1; >0: one sample each")
+    parser.add_argument("--max_new_tokens", type=int,
+                        help=f"default: the run's generation length, else {MAX_NEW_TOKENS}")
+    parser.add_argument("--task_options", type=_json_object,
+                        help='task builder options by task, e.g. \'{"arithmetic": {"difficulty": 1}}\'; default: '
+                             "the run's dataset_options for its dataset")
+    parser.add_argument("--reward_options", type=_json_object,
+                        help='reward options by reward name, the shape of a run\'s reward_options, e.g. '
+                             '\'{"accuracy": {"last_number": true}}\'; default: the run\'s')
+    parser.add_argument("--output", help="write the results (and the options used) to this JSON file")
+    return parser.parse_args(argv)
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The evaluation options: each flag given, else the run's (`run_args.json` in the model folder), else the
+    defaults (n=50, seed=0, max_new_tokens=MAX_NEW_TOKENS, no task or reward options)."""
+    run = {}
+    run_args = os.path.join(args.model, "run_args.json")
+    if os.path.isfile(run_args):
+        with open(run_args) as f:
+            run = json.load(f)["evaluation"]
+    defaults = {"tasks": None, "n": 50, "seed": 0, "max_new_tokens": MAX_NEW_TOKENS, "task_options": {},
+                "reward_options": {}}
+    given = {"tasks": args.task, "n": args.n, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+             "task_options": args.task_options, "reward_options": args.reward_options}
+    chosen = {key: given[key] if given[key] is not None else run.get(key, default) for key, default in defaults.items()}
+    if not chosen["tasks"]:
+        print(f"selfdistill eval: error: give --task (no run_args.json with eval_tasks in {args.model})",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return chosen
+
+
+def main(argv: list[str]) -> dict:
+    """`selfdistill eval`: evaluate, print a table, optionally write JSON."""
+    from .cli import resolve_model
+
+    args = parse_args(argv)
+    options = settings(args)
+    results = evaluate_path(resolve_model(args.model), options.pop("tasks"), args.output,
+                            temperature=args.temperature, **options)
+    print(format_table({args.model: results}))
     return results
 
 

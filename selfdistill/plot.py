@@ -1,11 +1,19 @@
-"""PNG curves of a run from the trainer's log history (`trainer_state.json`) and its eval points (`eval.json`)."""
+"""PNG curves of a run from the trainer's log history (`trainer_state.json`) and its eval points (`eval.json`).
 
+`selfdistill plot RUN_DIR [--output PNG]` is `main(argv)`; a run of any method (GRPO, the distillation trainers, SFT)
+gets a panel per curve it logged and one for its held-out pass@1.
+"""
+
+import argparse
 import glob
 import json
 import os
+import sys
 
 CURVES = {
+    "loss": "training loss",
     "reward": "reward",
+    "kl_to_start": "KL to the starting model (SFT)",
     "distill/reverse_kl": "reverse KL (sampled tokens)",
     "distill/acceptance": "acceptance estimate",
     "distill/frac_with_teacher": "fraction with teacher context",
@@ -94,3 +102,25 @@ def _save(fig, output: str) -> str:
     fig.savefig(output, dpi=100)
     plt.close(fig)
     return output
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments of `selfdistill plot`."""
+    parser = argparse.ArgumentParser(
+        prog="selfdistill plot",
+        description="Draw a run's curves (loss, reward, distillation metrics, from trainer_state.json or its newest "
+                    "checkpoint's) and held-out pass@1 (eval.json) to a PNG.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/demo/sdpo")
+    parser.add_argument("--output", help="the PNG to write (default: RUN_DIR/curves.png)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> str:
+    """`selfdistill plot`: draw `plot_run` of a run folder and print the PNG's path."""
+    args = parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        print(f"selfdistill plot: error: no run folder {args.run_dir!r}", file=sys.stderr)
+        raise SystemExit(2)
+    path = plot_run(args.run_dir, args.output)
+    print(path)
+    return path

@@ -1,5 +1,9 @@
-"""Held-out evaluation grades with the run's reward options (no model needed: generation is stubbed)."""
+"""Held-out evaluation grades with the run's reward options (no model needed: generation is stubbed), and
+`selfdistill eval` takes its settings from the flags, then the run folder, then the defaults."""
 
+import json
+
+import pytest
 import torch
 
 from selfdistill import evaluate as evaluation
@@ -23,3 +27,28 @@ def test_evaluate_grades_with_the_reward_options(monkeypatch):
     assert strict["arithmetic"] == {"pass@1": 0.0, "mean_reward": 0.0, "n": 4}
     assert lenient["arithmetic"] == {"pass@1": 0.75, "mean_reward": 0.75, "n": 4}
     assert modes == [False, False] and model.training  # generated in eval mode, training mode restored
+
+
+def test_eval_settings_come_from_the_flags_then_the_run_then_the_defaults(tmp_path):
+    """`selfdistill eval --model RUN_DIR` takes the run's evaluation settings (run_args.json); a flag given wins."""
+    run = {"tasks": ["arithmetic"], "n": 20, "seed": 7, "max_new_tokens": 4,
+           "task_options": {"arithmetic": {"difficulty": 1}}, "reward_options": {"accuracy": {"last_number": True}}}
+    (tmp_path / "run_args.json").write_text(json.dumps({"run": {}, "config": {}, "evaluation": run}))
+    assert evaluation.settings(evaluation.parse_args(["--model", str(tmp_path)])) == run
+    flags = evaluation.parse_args(["--model", str(tmp_path), "--n", "5", "--reward_options", "{}",
+                                   "--task_options", '{"arithmetic": {"difficulty": 3}}'])
+    assert evaluation.settings(flags) == {**run, "n": 5, "reward_options": {},
+                                          "task_options": {"arithmetic": {"difficulty": 3}}}
+    plain = evaluation.parse_args(["--model", str(tmp_path / "checkpoint"), "--task", "arithmetic"])
+    assert evaluation.settings(plain) == {"tasks": ["arithmetic"], "n": 50, "seed": 0,
+                                          "max_new_tokens": evaluation.MAX_NEW_TOKENS, "task_options": {},
+                                          "reward_options": {}}
+
+
+def test_eval_without_tasks_or_with_options_that_are_not_json_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluation.settings(evaluation.parse_args(["--model", str(tmp_path)]))
+    assert exit_.value.code == 2 and "give --task" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        evaluation.parse_args(["--model", str(tmp_path), "--task", "arithmetic", "--reward_options", "[1]"])
+    assert exit_.value.code == 2 and "expected a JSON object" in capsys.readouterr().err
