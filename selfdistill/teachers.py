@@ -134,9 +134,7 @@ class SelfTeacher(ModelTeacher):
 
     Without PEFT, `ema` and `base` score with their own network, `copy`: a copy of the student that the trainer
     prepares as TRL prepares GRPO's reference model (a ZeRO-3 inference engine, FSDP2 shards, or a plain copy), so it
-    is sharded as the student is. The EMA step is TRL's `SyncRefModelCallback.sync_target_model` (the same formula;
-    under ZeRO-3 gathered on rank 0 as TRL updates a ZeRO-3 target, elsewhere parameter by parameter, so shard by
-    shard under FSDP2). With PEFT only the adapter trains: `base` disables the adapter, and `ema` averages the adapter
+    is sharded as the student is. The EMA step is `ema_update`. With PEFT only the adapter trains: `base` disables the adapter, and `ema` averages the adapter
     alone, in a snapshot swapped into the network while scoring (not under ZeRO-3, which shards the adapter too).
     """
 
@@ -180,9 +178,7 @@ class SelfTeacher(ModelTeacher):
             for name, param in self._trainable():
                 self.adapter[name].lerp_(param.detach().to(self.adapter[name].dtype), self.update_rate)
             return
-        from trl.trainer.callbacks import SyncRefModelCallback
-
-        SyncRefModelCallback.sync_target_model(self.network, getattr(self.copy, "module", self.copy), self.update_rate)
+        ema_update(getattr(self.copy, "module", self.copy), self.network, self.update_rate)
 
     @contextmanager
     def _adapter_swapped_in(self):
@@ -259,6 +255,21 @@ class SelfTeacher(ModelTeacher):
 
 
 TEACHER_FILE = "self_teacher_weights.pt"
+
+
+@torch.no_grad()
+def ema_update(target, source, rate: float) -> None:
+    """`θ_T ← (1−r)·θ_T + r·θ` for each pair of parameters, the formula of TRL's `SyncRefModelCallback`.
+
+    Elementwise, so FSDP2 shards update shard by shard with no communication. ZeRO-3 partitions are gathered as TRL
+    updates a ZeRO-3 target (`GatheredParameters(..., modifier_rank=0)`: rank 0 writes, its value is partitioned
+    again on exit), but one pair of parameters at a time rather than both whole models at once: for an 8B model in
+    bf16 that is a ~1 GiB temporary (the largest matrix) instead of 33 GiB.
+    """
+    for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+        with _zero3_whole([target_param, param], modifier_rank=0):
+            if not _is_zero3([param]) or torch.distributed.get_rank() == 0:
+                target_param.data.mul_(1.0 - rate).add_(param.data, alpha=rate)
 
 
 def _is_sharded(state: dict) -> bool:
