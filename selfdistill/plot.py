@@ -10,14 +10,23 @@ import json
 import os
 import sys
 
-CURVES = {
-    "loss": "training loss",
-    "reward": "reward",
-    "kl_to_start": "KL to the starting model (SFT)",
-    "distill/reverse_kl": "reverse KL (sampled tokens)",
-    "distill/acceptance": "acceptance estimate",
-    "distill/frac_with_teacher": "fraction with teacher context",
+# Panels: title → the logged keys drawn in it (DenseDistillTrainer's docstring says what each metric is).
+PANELS = {
+    "training loss": ["loss"],
+    "reward": ["reward"],
+    "KL to the starting model (SFT)": ["kl_to_start"],
+    "reverse KL (sampled tokens)": ["distill/reverse_kl"],
+    "acceptance estimate": ["distill/acceptance"],
+    "share with a teacher signal": ["distill/frac_with_teacher", "distill/frac_tokens_with_teacher"],
+    "teacher − student log-prob": ["distill/logp_gap"],
+    "advantage RMS": ["distill/adv_rms_policy", "distill/adv_rms_distill"],
+    "gradient norm at the logits": ["distill/grad_norm_logits_policy", "distill/grad_norm_logits_distill"],
+    "top-k support mass": ["distill/support_mass_student", "distill/support_mass_teacher"],
+    "teacher context points the right way": ["self_distill/teacher_helps_failed",
+                                             "self_distill/teacher_helps_succeeded"],
+    "context leakage (share of completions)": ["self_distill/context_leakage"],
 }
+COLUMNS = 4
 
 
 def log_history(run_dir: str) -> list[dict]:
@@ -32,6 +41,19 @@ def log_history(run_dir: str) -> list[dict]:
     raise FileNotFoundError(f"no trainer_state.json in {run_dir} or its checkpoints")
 
 
+def panels_of(history: list[dict]) -> dict[str, dict[str, list[tuple]]]:
+    """`{panel title: {key: [(step, value)]}}` for the `PANELS` whose keys a log history holds. A curve that never
+    moves (pure distillation: reward 0, every rollout with a teacher) says nothing and is left out."""
+    panels = {}
+    for title, keys in PANELS.items():
+        curves = {key: [(h["step"], h[key]) for h in history if key in h] for key in keys}
+        curves = {key: points for key, points in curves.items()
+                  if points and (len(points) < 2 or len({v for _, v in points}) > 1 or key == "loss")}
+        if curves:
+            panels[title] = curves
+    return panels
+
+
 def plot_run(run_dir: str, output: str | None = None) -> str:
     """Write one PNG with a panel per logged curve (and eval pass@1 points when `eval.json` exists)."""
     import matplotlib
@@ -39,30 +61,31 @@ def plot_run(run_dir: str, output: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = log_history(run_dir)
-    curves = {key: [(h["step"], h[key]) for h in history if key in h] for key in CURVES}
-    curves = {key: points for key, points in curves.items() if points}
-    # A reward or teacher-context fraction that never moves (pure distillation: reward 0, fraction 1) is no curve.
-    curves = {key: points for key, points in curves.items()
-              if key not in ("reward", "distill/frac_with_teacher") or len({v for _, v in points}) > 1 or len(points) < 2}
+    panels = panels_of(log_history(run_dir))
     eval_path = os.path.join(run_dir, "eval.json")
     evals = json.load(open(eval_path)) if os.path.exists(eval_path) else {}
-    panels = len(curves) + bool(evals)
-    if panels == 0:
-        raise ValueError(f"nothing to plot in {run_dir}: none of {list(CURVES)} was logged")
-    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.2), squeeze=False)
-    for ax, (key, points) in zip(axes[0], curves.items()):
-        ax.plot(*zip(*points), marker=".", label="training batches")
-        ax.set_title(CURVES[key])
+    count = len(panels) + bool(evals)
+    if count == 0:
+        raise ValueError(f"nothing to plot in {run_dir}: none of {sum(PANELS.values(), [])} was logged")
+    rows, columns = -(-count // COLUMNS), min(count, COLUMNS)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    axes = list(axes.flat)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    for ax, (title, curves) in zip(axes, panels.items()):
+        for key, points in curves.items():
+            ax.plot(*zip(*points), marker=".", label=key.split("/")[-1] if len(curves) > 1 else "training batches")
+            field = key.split("/")[-1]  # held-out reverse_kl / acceptance, in eval.json for method 'opd'
+            for task, evaluated in evals.items():
+                held_out = [(p["step"], p[field]) for p in evaluated if field in p]
+                if held_out:
+                    ax.plot(*zip(*held_out), marker="o", linestyle="--", label=f"held-out {task}")
+        ax.set_title(title)
         ax.set_xlabel("step")
-        field = key.split("/")[-1]  # held-out reverse_kl / acceptance, in eval.json for method 'opd'
-        for task, evaluated in evals.items():
-            held_out = [(p["step"], p[field]) for p in evaluated if field in p]
-            if held_out:
-                ax.plot(*zip(*held_out), marker="o", linestyle="--", label=f"held-out {task}")
-                ax.legend()
+        if len(ax.get_lines()) > 1:
+            ax.legend(fontsize=7)
     if evals:
-        ax = axes[0][-1]
+        ax = axes[count - 1]
         for task, points in evals.items():
             ax.plot([p["step"] for p in points], [p["pass@1"] for p in points], marker="o", label=task)
         ax.set_title("held-out pass@1")

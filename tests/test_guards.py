@@ -202,3 +202,21 @@ def test_teacher_helps_counts_the_direction_of_each_rollouts_push(tmp_path, stud
     assert trainer._metrics["train"]["self_distill/teacher_helps_failed"] == [0.5]
     assert trainer._metrics["train"]["self_distill/teacher_helps_succeeded"] == [1.0]
 
+
+
+def test_selfdistill_plot_draws_the_diagnostics(tmp_path, student_dir):
+    from selfdistill.plot import panels_of, plot_run
+
+    trainer = make_trainer(tmp_path, student_dir, max_steps=3, objective="logits", distill_top_k=5, kl_coef=0.5)
+    trainer.train()
+    trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
+    panels = panels_of(trainer.state.log_history)
+    for title in ("teacher − student log-prob", "advantage RMS", "gradient norm at the logits", "top-k support mass",
+                  "teacher context points the right way"):
+        assert title in panels, title
+    assert set(panels["gradient norm at the logits"]) == {"distill/grad_norm_logits_policy",
+                                                          "distill/grad_norm_logits_distill"}
+    import matplotlib.image
+
+    image = matplotlib.image.imread(plot_run(str(tmp_path)))
+    assert image.shape[0] >= 2 * 300  # more panels than one row holds
