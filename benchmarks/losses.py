@@ -255,7 +255,8 @@ def print_table_cpu(rows):
 
 
 def print_table_cuda(rows):
-    print("\n| shape | method | time ms | peak CUDA MiB | ours/TRL time | ours/TRL mem | max\\|Δ loss\\| | max\\|Δ ∂h\\| |")
+    print("\n| shape | method | time ms | peak CUDA MiB | ours/TRL time | ours/TRL mem | max\\|Δ loss\\| "
+          "| max\\|Δ ∂h\\| |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for shape, name, r in rows:
         if r is None:

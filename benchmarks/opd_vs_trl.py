@@ -112,9 +112,11 @@ def main():
     parser.add_argument("--profile", action="store_true", help="cProfile both trainers in the last round")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: bf16 autocast on the GPU, peak CUDA memory (see the module docstring)")
-    parser.add_argument("--layers", type=int, help="layers of the real shapes' students and teachers instead of theirs, "
-                                                   "e.g. 1 to run their code path on CPU")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run instead of the size's (the first is warm-up)")
+    parser.add_argument("--layers", type=int,
+                        help="layers of the real shapes' students and teachers instead of theirs, e.g. 1 to run their "
+                             "code path on CPU")
+    parser.add_argument("--steps", type=int,
+                        help="optimizer steps per run instead of the size's (the first is warm-up)")
     cli = parser.parse_args()
 
     rows = []  # (size, kind, median wall s, median CPU s, min CPU s, peak MiB)

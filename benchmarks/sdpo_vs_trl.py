@@ -70,7 +70,8 @@ from selfdistill.context import DEMONSTRATION_TEMPLATE  # noqa: E402
 from selfdistill.rewards import add_feedback, completion_text  # noqa: E402
 from selfdistill.trainers import SelfDistillConfig, SelfDistillTrainer  # noqa: E402
 
-# name: (hidden, layers, vocabulary or None for the tokenizer's) or a `REAL_SHAPES` name, completion length, steps per run
+# name: (hidden, layers, vocabulary or None for the tokenizer's) or a `REAL_SHAPES` name, completion length, steps
+# per run
 SIZES = {"tiny": ((64, 2, None), 16, 8), "medium": ((512, 8, 32768), 32, 4),
          "smollm2-135m": ("smollm2-135m", 64, 4), "qwen2.5-0.5b": ("qwen2.5-0.5b", 64, 4)}
 PROMPTS_PER_STEP, NUM_GENERATIONS = 4, 4
@@ -177,7 +178,8 @@ def main():
                         help="cuda: bf16 autocast on the GPU, peak CUDA memory (see the module docstring)")
     parser.add_argument("--layers", type=int, help="layers of the real shapes (smollm2-135m, qwen2.5-0.5b) instead of "
                                                    "theirs, e.g. 1 to run their code path on CPU")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run instead of the size's (the first is warm-up)")
+    parser.add_argument("--steps", type=int,
+                        help="optimizer steps per run instead of the size's (the first is warm-up)")
     cli = parser.parse_args()
     if cli.device == "cpu":
         torch.set_num_threads(cli.threads)
@@ -196,8 +198,8 @@ def main():
                 rows += [(size, pair, kind, *stats[kind]) for kind in ("ours", "trl")]
 
     cpu, memory = ("CPU", "RSS") if cli.device == "cpu" else ("host CPU", "CUDA")
-    print(f"\n| size | pair | trainer | median step s (wall) | median step s ({cpu}) | min step s ({cpu}) | peak {memory} MiB "
-          f"| ours/TRL: median wall, median {cpu}, min {cpu}, {memory} |")
+    print(f"\n| size | pair | trainer | median step s (wall) | median step s ({cpu}) | min step s ({cpu}) "
+          f"| peak {memory} MiB | ours/TRL: median wall, median {cpu}, min {cpu}, {memory} |")
     print("|---|---|---|---|---|---|---|---|")
     trl = {(size, pair): stats for size, pair, kind, *stats in rows if kind == "trl"}
     for size, pair, kind, *stats in rows:

@@ -201,8 +201,8 @@ def test_bf16_jsd_on_cuda_equals_trl_chunked_divergence_loss():
 
 
 def cuda_bf16_settings(tmp_path) -> dict:
-    """A few rollouts on the GPU with bf16 autocast; gradient checkpointing left at TRL's default (on), as a user's first
-    run has it."""
+    """A few rollouts on the GPU with bf16 autocast; gradient checkpointing left at TRL's default (on), as a user's
+    first run has it."""
     return dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
                 max_steps=3, logging_steps=1, learning_rate=1e-3, temperature=0.8, bf16=True, use_cpu=False,
                 report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
@@ -255,7 +255,8 @@ def test_self_distill_trainer_sdpo_trains_three_steps_on_cuda_in_bf16(tmp_path, 
     trainer.train()
 
     logs = check_three_finite_logged_steps(trainer, ["distill/reverse_kl", "distill/logit_loss",
-                                                     "distill/support_mass_student", "distill/grad_norm_logits_distill"])
+                                                     "distill/support_mass_student",
+                                                     "distill/grad_norm_logits_distill"])
     assert all(h["distill/frac_with_teacher"] == 1.0 for h in logs)  # the feedback reached every rollout
     assert moved(student_dir, dict(trainer.model.named_parameters())) > 0
     teacher = trainer.teacher.state()
