@@ -173,14 +173,22 @@ run() {
     say "=== versions"
     python3 - <<'EOF' 2>&1 | tee -a "$LOG"
 import platform
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
 import selfdistill
 
+
+def installed(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
+
+
 names = ["torch", "transformers", "accelerate", "peft", "triton", "trl", "datasets", "math-verify", "selfdistill"]
-print(f"Python {platform.python_version()}; " + ", ".join(f"{name} {version(name)}" for name in names))
+print(f"Python {platform.python_version()}; " + ", ".join(f"{name} {installed(name)}" for name in names))
 print(f"selfdistill from {selfdistill.__file__}")
 cuda = torch.cuda.is_available()
 print(f"CUDA {torch.version.cuda}, available: {cuda}{', ' + torch.cuda.get_device_name() if cuda else ''}")

@@ -143,7 +143,9 @@ def trl_from_logits(case: str, x: dict, dtype):
 
 
 # fp64 for SDPO's utils: their tail log(1 − Σ_K p) loses precision in fp32 (tests/test_losses.py); fp32 for
-# `selective_log_softmax`, which then runs TRL's Triton kernel on CUDA.
+# `selective_log_softmax`, which then runs TRL's Triton kernel on CUDA. Ours picks the top-k from fp32 logits, TRL here
+# from fp64 ones: with these inputs the smallest gap between a row's 100th and 101st logit/τ is 2.4e-5, far above
+# the fp32 rounding of a logit (~1e-6), so both pick the same support.
 REFERENCE_DTYPE = {"jsd_full": torch.float64, "jsd_topk_tail": torch.float64, "jsd_topk": torch.float64,
                    "token_logprobs": torch.float32}
 
