@@ -32,9 +32,21 @@ Measured per case:
 
 TRL SDPO cases whose estimated peak exceeds `--max-gib` are skipped ("skipped (OOM risk)").
 
+On a GPU (`--device cuda`): the inputs are the same numbers (drawn on the CPU, then moved); each run starts and ends
+with `torch.cuda.synchronize()`, so the time is the GPU's work and not its launch; the first run is always a warm-up
+(it compiles TRL's Triton kernels); the peak is the most CUDA memory
+allocated during the run (`torch.cuda.reset_peak_memory_stats()` before it, `max_memory_allocated()` after) minus what
+was allocated at its start, exact as on CPU; CPU seconds are not reported (the host mostly waits). `--dtype bfloat16`
+gives the hidden states and heads in bf16, as a bf16 model hands them over: TRL SDPO's logits are then bf16, as its
+model's forward returns them; ours and TRL chunked compute in fp32 from the bf16 values (the agreement columns then
+show bf16 rounding, not error). fp32 matmuls run in full fp32 (torch's default, no TF32).
+
 Commands (CPU; the machine's other jobs make times noisy, run nothing else heavy meanwhile):
     python benchmarks/losses.py            # the README table: V ∈ {32k, 152k} × T ∈ {1k, 4k}, H=896 (about 30 min)
     python benchmarks/losses.py --quick    # one small shape, a few seconds (`make demo`)
+One GPU (benchmarks/gpu_check.sh runs these):
+    python benchmarks/losses.py --device cuda --vocab 151936 --tokens 4096 --max-gib 100
+    python benchmarks/losses.py --device cuda --vocab 151936 --tokens 4096 --max-gib 100 --dtype bfloat16
 """
 
 import argparse
@@ -62,30 +74,50 @@ def _status_mib(key: str) -> float:
         return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) / 1024
 
 
-def _reset_peak() -> float:
-    """Free what can be freed, reset the resident-set high-water mark, return the resident set (MiB)."""
+def _reset_peak(device: str = "cpu") -> float:
+    """Free what can be freed and reset the memory high-water mark; return the memory in use (MiB): the resident set
+    on CPU, the CUDA allocation on "cuda"."""
     gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
     LIBC.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status_mib("VmRSS")
 
 
-def make_inputs(T: int, V: int, H: int, seed: int = 0) -> dict:
+def _peak(device: str = "cpu") -> float:
+    """The high-water mark (MiB) since `_reset_peak`."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _status_mib("VmHWM")
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_inputs(T: int, V: int, H: int, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Student and teacher hidden states `(1, T, H)` and heads `(V, H)`, drawn on the CPU (the same numbers on every
+    device), then moved to `device` and `dtype`."""
     g = torch.Generator().manual_seed(seed)
     student_head, teacher_head = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False)
     with torch.no_grad():  # logits with a spread like a trained LM's (std ≈ 3); teacher a perturbed student
         student_head.weight.copy_(torch.randn(V, H, generator=g) * (3 / math.sqrt(H)))
         teacher_head.weight.copy_(student_head.weight + torch.randn(V, H, generator=g) * (1 / math.sqrt(H)))
-    teacher_head.requires_grad_(False)
+    student_head.to(device, dtype)
+    teacher_head.to(device, dtype).requires_grad_(False)
     h_s = torch.randn(1, T, H, generator=g)
     h_t = h_s + 0.5 * torch.randn(1, T, H, generator=g)
     return {
-        "h_s": h_s.requires_grad_(),
-        "h_t": h_t,
+        "h_s": h_s.to(device, dtype).requires_grad_(),
+        "h_t": h_t.to(device, dtype),
         "student_head": student_head,
         "teacher_head": teacher_head,
-        "mask": torch.ones(1, T, dtype=torch.bool),
+        "mask": torch.ones(1, T, dtype=torch.bool, device=device),
     }
 
 
@@ -115,26 +147,28 @@ def trl_sdpo(x, beta, top_k=None, temperature=1.0):
     return losses.masked_mean(per_token, x["mask"]), per_token
 
 
-def run_case(fn, x, beta, top_k, reps: int, case_budget_s: float):
+def run_case(fn, x, beta, top_k, reps: int, case_budget_s: float, device: str = "cpu"):
     """Runs of forward + backward; returns (median wall s, median CPU s, peak MiB, values, grad of h_s, runs timed).
 
-    The first run is a warm-up unless it took over 10 s (first-call costs are then negligible and it counts); runs
-    stop after `reps` timed ones or once the case has used `case_budget_s`.
+    The first run is a warm-up unless it took over 10 s (first-call costs are then negligible and it counts), and
+    always on CUDA (where it compiles the Triton kernels); runs stop after `reps` timed ones or once the case has
+    used `case_budget_s`.
     """
     walls, cpus, peaks, spent = [], [], [], 0.0
     for i in range(reps + 1):
         x["h_s"].grad = None
         x["student_head"].weight.grad = None
-        base = _reset_peak()
+        base = _reset_peak(device)
         wall, cpu = time.perf_counter(), time.process_time()
         loss, values = fn(x, beta, top_k)
         loss.backward()
+        _synchronize(device)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        peak = _status_mib("VmHWM") - base
-        values, grad = values.detach().reshape(-1), x["h_s"].grad.reshape(-1)
+        peak = _peak(device) - base
+        values, grad = values.detach().float().reshape(-1), x["h_s"].grad.float().reshape(-1)
         del loss
         spent += wall
-        if i == 0 and wall < 10:
+        if i == 0 and (wall < 10 or device == "cuda"):
             continue
         walls.append(wall)
         cpus.append(cpu)
@@ -155,7 +189,11 @@ def main():
     parser.add_argument("--reps", type=int, default=3, help="timed runs per case (median reported)")
     parser.add_argument("--case-budget-s", type=float, default=90.0, help="no further runs once a case used this")
     parser.add_argument("--max-gib", type=float, default=16.0, help="skip TRL SDPO cases estimated above this")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="of the hidden states and heads (see the module docstring)")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.quick:
         args.vocab, args.tokens, args.hidden, args.reps = [32768], [256], 256, 1
 
@@ -164,7 +202,7 @@ def main():
     for V in args.vocab:
         for T in args.tokens:
             shape = f"V={V} T={T}"
-            x = make_inputs(T, V, args.hidden)
+            x = make_inputs(T, V, args.hidden, device=args.device, dtype=dtype)
             results = {}
             cases = [
                 ("ours full", ours, None, None),
@@ -178,7 +216,8 @@ def main():
                     print(f"{shape:18s} {name:15s} skipped (OOM risk)", flush=True)
                     rows.append((shape, name, None))
                     continue
-                wall, cpu, peak, values, grad, runs = run_case(fn, x, args.beta, top_k, args.reps, args.case_budget_s)
+                wall, cpu, peak, values, grad, runs = run_case(fn, x, args.beta, top_k, args.reps, args.case_budget_s,
+                                                               args.device)
                 results[name] = (wall, cpu, peak, values, grad)
                 ratios = dv = dg = None
                 if ref is not None:
@@ -191,8 +230,18 @@ def main():
                 rows.append((shape, name, (wall, cpu, peak, ratios, dv, dg)))
                 print(f"{shape:18s} {name:15s} {wall:.2f} s, {cpu:.2f} CPU s, {peak:.0f} MiB ({runs} runs)", flush=True)
             del x, results
-            _reset_peak()
+            _reset_peak(args.device)
 
+    if args.device == "cpu":
+        print_table_cpu(rows)
+        where = f"{torch.get_num_threads()} threads"
+    else:
+        print_table_cuda(rows)
+        where = torch.cuda.get_device_name()
+    print(f"\nH={args.hidden}, B=1, β={args.beta}, top-k={args.top_k} with tail, {args.dtype} inputs, {where}.")
+
+
+def print_table_cpu(rows):
     print(
         "\n| shape | method | time s | CPU s | peak MiB | ours/TRL time (CPU) | ours/TRL mem | max\\|Δ loss\\| "
         "| max\\|Δ ∂h\\| |"
@@ -205,8 +254,19 @@ def main():
         wall, cpu, peak, ratios, dv, dg = r
         vs = "| | |" if ratios is None else f"{ratios[0]:.2f} ({ratios[1]:.2f}) | {ratios[2]:.2f} | {dv:.1e} | {dg:.1e}"
         print(f"| {shape} | {name} | {wall:.2f} | {cpu:.2f} | {peak:.0f} | {vs} |")
-    threads = torch.get_num_threads()
-    print(f"\nH={args.hidden}, B=1, β={args.beta}, top-k={args.top_k} with tail, fp32, {threads} threads.")
+
+
+def print_table_cuda(rows):
+    print("\n| shape | method | time ms | peak CUDA MiB | ours/TRL time | ours/TRL mem | max\\|Δ loss\\| "
+          "| max\\|Δ ∂h\\| |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for shape, name, r in rows:
+        if r is None:
+            print(f"| {shape} | {name} | skipped (OOM risk) | | | | | |")
+            continue
+        wall, _, peak, ratios, dv, dg = r
+        vs = "| |" if ratios is None else f"{ratios[0]:.2f} | {ratios[2]:.2f} | {dv:.1e} | {dg:.1e}"
+        print(f"| {shape} | {name} | {1000 * wall:.1f} | {peak:.0f} | {vs} |")
 
 
 if __name__ == "__main__":

