@@ -120,14 +120,15 @@ def _stat_sums(trainer, keys) -> torch.Tensor:
 class DenseDistillTrainer(GRPOTrainer):
     """GRPOTrainer whose advantages gain a dense per-token teacher term.
 
-    Overrides three GRPOTrainer methods, and nothing else:
+    Overrides four GRPOTrainer methods, and nothing else:
     - `_generate_and_score_completions`: after GRPO generates and rewards, score the completion tokens under the
       teacher; when GRPO computed the sampling log-probs (off-policy, vLLM), replace the `(B,)` advantages by the
       `(B, T)` ones of the module docstring right away;
     - `_get_per_token_logps_and_entropies`, inside GRPO's loss: one projection of the student's hidden states gives
       the log-probs GRPO's loss needs and the logit-level term; on-policy, the `(B, T)` advantages are formed there
       from those log-probs, before GRPO's loss reads them (no separate student pass for the sampling log-probs);
-    - `_compute_loss`: adds the optional logit-level JSD term.
+    - `_compute_loss`: adds the optional logit-level JSD term;
+    - `training_step`: logs the gradient norms the projection's backward pass recorded.
 
     Subclasses set `self.teacher` (see `selfdistill.teachers`) and implement `_teacher_prompts` (and
     `_no_teacher_signal_cause`).
@@ -170,8 +171,8 @@ class DenseDistillTrainer(GRPOTrainer):
         batch = super()._generate_and_score_completions(inputs)
         completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
         teacher_prompt_ids, teacher_prompt_mask, has_teacher_B = self._teacher_prompts(inputs, batch)
-        # The student's forward runs under accelerate's autocast (bf16 by default); the teacher calls the backbone
-        # directly, bypassing the wrapped `forward`, so it needs the same context to be comparable.
+        # The student's forward runs under accelerate's autocast (bf16 by default), which accelerate adds to the
+        # prepared model's `forward`; a teacher runs its own module's forward, so it needs the same context.
         with self.accelerator.autocast():
             scores = self.teacher.score(teacher_prompt_ids, teacher_prompt_mask, completion_ids, completion_mask)
         mask_BT = completion_mask * batch.get("tool_mask", 1) * has_teacher_B.unsqueeze(1).to(completion_mask.dtype)
