@@ -12,6 +12,8 @@ Reported per arm, separately for failed and successful rollouts:
   rollout, < 0 on a successful one): there the dense signal pushes against the reward;
 - `answer_adv` / `answer_wrong_sign`: the same on the tokens of the answer the grader read only (the digits);
 - `answer_share`: the share of Σ|a| that falls on those answer tokens (the rest goes to wording and format);
+- `wrong_digit_adv` / `wrong_digit_wrong_sign`: on failed rollouts, the answer digits that differ from the gold's
+  (where the rollout went wrong): the mean advantage there, and how often it is positive (the wrong sign);
 - `teacher_knows`: on failed rollouts, how often the teacher's most likely token at the answer's first digit is the
   gold's first digit (what a logit-level term pulls that position towards);
 - `teacher_reply_correct` / `teacher_reply_leaks`: the teacher's own greedy reply to its context (on failed rollouts):
@@ -42,6 +44,24 @@ def _answer_positions(tokenizer, ids: list[int], answer: str | None) -> list[int
         if after > start and before < end:
             positions.append(i)
     return positions
+
+
+def _wrong_digits(tokenizer, ids: list[int], positions: list[int], answer: str | None, gold: str) -> list[int]:
+    """The answer tokens whose digits differ from the gold's, aligned from the left (every digit when the lengths
+    differ): where a failed rollout went wrong, and where a positive advantage has the wrong sign."""
+    if not answer or not positions:
+        return []
+    if len(answer) != len(gold):
+        return positions
+    wrong, offset = [], 0
+    for i in positions:
+        text = tokenizer.decode([ids[i]]).strip()
+        if text and answer.find(text, offset) >= 0:
+            start = answer.find(text, offset)
+            if answer[start : start + len(text)] != gold[start : start + len(text)]:
+                wrong.append(i)
+            offset = start + len(text)
+    return wrong
 
 
 def _sample(model, tokenizer, prompt, group: int, settings: dict):
@@ -101,6 +121,9 @@ def _stats(rows: list[dict]) -> dict:
                                   for r in scored if r["answer_adv"]]),
         }
         if failed:
+            wrong = [a for r in scored for a in r["wrong_digit_adv"]]
+            entry["wrong_digit_adv"] = mean(wrong)
+            entry["wrong_digit_wrong_sign"] = mean([float(a > 0) for a in wrong])
             entry["teacher_knows"] = mean([float(r["teacher_knows"]) for r in scored if r["teacher_knows"] is not None])
             replies = [r for r in scored if "teacher_reply" in r]
             entry["teacher_reply_correct"] = mean([float(r["teacher_reply_reward"] == 1.0) for r in replies])
@@ -180,7 +203,10 @@ def diagnose(args, tasks: list[str], arms: list[str], seeds: list[int]) -> dict:
                                 "seed": seed, "prompt_index": index, "gold": gold, "completion": texts[b],
                                 "reward": rewards[b], "failed": rewards[b] < 1.0, "has_teacher": has[b],
                                 "feedback": "\n".join(slots[b]) or None, "adv": adv if has[b] else [],
+                                "answer": answers[b], "answer_positions": positions[b],
                                 "answer_adv": [adv[i] for i in positions[b]] if has[b] else [],
+                                "wrong_digit_adv": [adv[i] for i in _wrong_digits(tokenizer, ids[b], positions[b],
+                                                                                  answers[b], gold)] if has[b] else [],
                                 "teacher_knows": (tokenizer.decode([int(top_ids[b, positions[b][0]])]).strip()
                                                   == gold[0]) if has[b] and positions[b] else None,
                                 "tokens": [{"token": tokenizer.decode([t]), "logp_student": round(ls, 3),
@@ -204,7 +230,8 @@ def diagnose(args, tasks: list[str], arms: list[str], seeds: list[int]) -> dict:
 
 def format_diagnosis(task: str, diagnosis: dict) -> str:
     cols = ["n", "with_context", "seq_adv", "wrong_sign", "answer_adv", "answer_wrong_sign", "answer_share"]
-    extra = ["teacher_knows", "teacher_reply_correct", "teacher_reply_leaks"]
+    extra = ["wrong_digit_adv", "wrong_digit_wrong_sign", "teacher_knows", "teacher_reply_correct",
+             "teacher_reply_leaks"]
     lines = [f"\n### diagnosis: {task}", "",
              "| arm | rollouts | " + " | ".join(cols) + " | " + " | ".join(extra) + " |",
              "|---|---|" + "---:|" * (len(cols) + len(extra))]

@@ -45,9 +45,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from selfdistill.context import (
+    FEEDBACK_TEMPLATE,
     QUESTION_LAST_FEEDBACK_TEMPLATE,
     QUESTION_LAST_REPROMPT_TEMPLATE,
     QUESTION_LAST_SOLUTION_TEMPLATE,
+    REPROMPT_TEMPLATE,
+    SOLUTION_TEMPLATE,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,57 +84,59 @@ TASKS = {  # name: options of the built-in arithmetic task (selfdistill.tasks.ar
     "word": {"difficulty": 5, "worked_steps": True, "instruction": ANSWER},
 }
 
+# The `sdpo` preset as it was before this study (the SDPO paper's code and `trl.experimental.sdpo`: feedback and
+# sibling context, EMA teacher 0.05, JSD β=0.5 on the student's top-100 with a tail, IS clip 2, the paper's
+# templates; policy_weight 1), spelled out so that every arm keeps its meaning whatever the preset becomes.
+PAPER = {"method": "sdpo", "context_sources": ["feedback", "sibling"], "teacher": "ema", "teacher_update_rate": 0.05,
+         "objective": "logits", "distill_beta": 0.5, "distill_top_k": 100, "distill_add_tail": True,
+         "distill_is_clip": 2.0, "success_threshold": 1.0, "policy_weight": 1.0,
+         "reprompt_template": REPROMPT_TEMPLATE, "solution_template": SOLUTION_TEMPLATE,
+         "feedback_template": FEEDBACK_TEMPLATE}
 # Context first, question last: the teacher answers the question itself, as the student does, instead of writing the
-# "revised answer" that the default reprompt's "Correctly solve the original question" invites.
-QUESTION_LAST = {"reprompt_template": QUESTION_LAST_REPROMPT_TEMPLATE,
+# "revised answer" that the paper's reprompt ("Correctly solve the original question") invites.
+QLAST = PAPER | {"reprompt_template": QUESTION_LAST_REPROMPT_TEMPLATE,
                  "solution_template": QUESTION_LAST_SOLUTION_TEMPLATE,
                  "feedback_template": QUESTION_LAST_FEEDBACK_TEMPLATE}
 NO_REVEAL = {"reward_options": {"accuracy": {"reveal_solution": False, "last_number": True}}}
-SAMPLED = {"objective": "sampled_token"}
+STEPS = {"dataset_options": {"worked_steps": True}, "context_sources": ["feedback", "sibling", "privileged_context"]}
 
-# Arm name: the method and what it changes from BUDGET (and, for self-distillation, from the `sdpo` preset).
+# Arm name: the method and what it changes from BUDGET.
 ARMS = {
     "grpo": {"method": "grpo"},
-    "grpo-g4": {"method": "grpo", "num_generations": 4},
     "grpo-t1": {"method": "grpo", "temperature": 1.0},
-    "sdpo": {"method": "sdpo"},  # the preset as it stands
-    # the objective
-    "sdpo-sampled": {"method": "sdpo", **SAMPLED},
-    "sdpo-beta0": {"method": "sdpo", "distill_beta": 0.0},
-    "sdpo-beta1": {"method": "sdpo", "distill_beta": 1.0},
-    "sdpo-top20": {"method": "sdpo", "distill_top_k": 20},
-    "sdpo-full": {"method": "sdpo", "distill_top_k": 0, "distill_add_tail": False},
-    "sdpo-notail": {"method": "sdpo", "distill_add_tail": False},
-    "sdpo-w2": {"method": "sdpo", "distill_loss_weight": 2.0},
-    # the teacher
-    "sdpo-live": {"method": "sdpo", "teacher": "live"},
-    "sdpo-base": {"method": "sdpo", "teacher": "base"},
-    "sdpo-ema02": {"method": "sdpo", "teacher_update_rate": 0.2},
-    # the GRPO blend and the sampled-token coefficient
-    "sdpo-pw0": {"method": "sdpo", "policy_weight": 0.0},
-    "sdpo-sampled-kl2": {"method": "sdpo", **SAMPLED, "kl_coef": 2.0},
-    "sdpo-sampled-kl05": {"method": "sdpo", **SAMPLED, "kl_coef": 0.5},
-    # the context sources
-    "sdpo-feedback": {"method": "sdpo", "context_sources": ["feedback"]},
-    "sdpo-sibling": {"method": "sdpo", "context_sources": ["sibling"]},
-    # the feedback text: answer revealed (the default), only "incorrect", or why (the worked steps)
-    "sdpo-noreveal": {"method": "sdpo", **NO_REVEAL},
-    "sdpo-steps": {"method": "sdpo", "dataset_options": {"worked_steps": True},
-                   "context_sources": ["feedback", "sibling", "privileged_context"]},
-    "sdpo-noreveal-steps": {"method": "sdpo", **NO_REVEAL, "dataset_options": {"worked_steps": True},
-                            "context_sources": ["feedback", "sibling", "privileged_context"]},
+    "sdpo": {"method": "sdpo"},  # the library's `sdpo` preset as it is now (the study's choice)
+    "sdpo-paper": PAPER,
+    # the context sources and the feedback text (only "incorrect", or why: the worked steps), for --diagnose
+    "paper-feedback": PAPER | {"context_sources": ["feedback"]},
+    "paper-sibling": PAPER | {"context_sources": ["sibling"]},
+    "paper-noreveal": PAPER | NO_REVEAL,
+    "paper-steps": PAPER | STEPS,
+    "paper-noreveal-steps": PAPER | NO_REVEAL | STEPS,
     # the reprompt template
-    "sdpo-qlast": {"method": "sdpo", **QUESTION_LAST},
-    # the temperature and the group size (same 96 rollouts: 2 prompts × 4 per step)
-    "sdpo-t1": {"method": "sdpo", "temperature": 1.0},
-    "sdpo-g4": {"method": "sdpo", "num_generations": 4},
+    "sdpo-qlast": QLAST,
+    # stage 2: one change at a time on top of the question-last templates
+    "qlast-sampled": QLAST | {"objective": "sampled_token"},  # kl_coef 1, no logit-level term
+    "qlast-pw0": QLAST | {"policy_weight": 0.0},
+    "qlast-live": QLAST | {"teacher": "live"},
+    "qlast-t1": QLAST | {"temperature": 1.0},
+    "qlast-feedback": QLAST | {"context_sources": ["feedback"]},
+    "qlast-steps": QLAST | STEPS,
 }
 
 SCREEN_SEEDS, CONFIRM_SEEDS = [100, 101], [200, 201, 202, 203, 204]
-STAGES = {  # name: (tasks, arms, seeds)
-    "demo": (["add2"], ["grpo", "sdpo"], [0, 1, 2]),
-    "screen": (["add2"], [a for a in ARMS if a not in ("grpo-g4", "grpo-t1")], SCREEN_SEEDS),
+STAGES = {  # name: (tasks, arms, seeds); README "Self-distillation study" says why each stage holds what it holds
+    # Stage 1: the preset against the template the diagnosis pointed at (leakage 14% -> 2% of the teacher's replies).
+    "screen": (["add2"], ["grpo", "sdpo-paper", "sdpo-qlast"], SCREEN_SEEDS),
+    # Stage 2: one change at a time on top of it, in order of priority (a cut-short stage keeps the important arms).
+    "screen2": (["add2"], ["qlast-sampled", "qlast-pw0", "qlast-live", "grpo-t1", "qlast-t1", "qlast-feedback"],
+                SCREEN_SEEDS),
 }
+
+
+# The resolved trainer fields a result records (besides distill_* and teacher*), whatever the preset said.
+RECORDED = ("mode", "policy_weight", "kl_coef", "objective", "context_sources", "success_threshold", "temperature",
+            "num_generations", "learning_rate", "max_steps", "per_device_train_batch_size", "max_completion_length",
+            "reprompt_template", "solution_template", "feedback_template", "seed")
 
 
 def settings_of(task: str, arm: str, seed: int, args) -> dict:
@@ -239,6 +244,7 @@ def run_one(task: str, arm: str, seed: int, args) -> dict:
         "task": task, "arm": arm, "seed": seed, "settings": settings,
         "curve": curve, "final": curve[-1]["pass@1"],
         "answers_before": before["answers"], "answers_after": timing.get("answers", []),
+        "config": {k: v for k, v in config.to_dict().items() if k in RECORDED or k.startswith(("distill", "teacher"))},
         "train_wall_s": wall, "eval_wall_s": timing["eval_s"],
         "tokens": steps[-1].get("num_tokens") if steps else None,
         "completion_tokens": sum(h["completions/mean_length"] * config.per_device_train_batch_size for h in steps),
@@ -415,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output", default="runs/sdpo_vs_grpo")
     p.add_argument("--model", default=None, help="a model path instead of SmolLM2 (the tests' fixture)")
     p.add_argument("--steps", type=int, default=BUDGET["max_steps"])
-    p.add_argument("--eval_steps", nargs="+", type=int, default=[0, 4, 8, 12])
+    p.add_argument("--eval_steps", nargs="+", type=int, default=[0, 4, 12])
     p.add_argument("--eval_size", type=int, default=100)
     p.add_argument("--workers", type=int, default=2,
                    help="parallel runs, each its own process on one torch thread; 0: one at a time in this process")
