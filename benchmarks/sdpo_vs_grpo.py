@@ -105,6 +105,7 @@ ARMS = {
     "grpo": {"method": "grpo"},
     "grpo-t1": {"method": "grpo", "temperature": 1.0},
     "sdpo": {"method": "sdpo"},  # the library's `sdpo` preset as it is now (the study's choice)
+    "sdpo-steps": {"method": "sdpo", **STEPS},  # the preset, also shown the dataset's worked solution
     "sdpo-paper": PAPER,
     # the context sources and the feedback text (only "incorrect", or why: the worked steps), for --diagnose
     "paper-feedback": PAPER | {"context_sources": ["feedback"]},
@@ -128,8 +129,11 @@ STAGES = {  # name: (tasks, arms, seeds); README "Self-distillation study" says 
     # Stage 1: the preset against the template the diagnosis pointed at (leakage 14% -> 2% of the teacher's replies).
     "screen": (["add2"], ["grpo", "sdpo-paper", "sdpo-qlast"], SCREEN_SEEDS),
     # Stage 2: one change at a time on top of it, in order of priority (a cut-short stage keeps the important arms).
-    "screen2": (["add2"], ["qlast-sampled", "qlast-pw0", "qlast-live", "grpo-t1", "qlast-t1", "qlast-feedback"],
-                SCREEN_SEEDS),
+    "screen2": (["add2"], ["qlast-sampled", "qlast-pw0", "qlast-live"], SCREEN_SEEDS),
+    # The chosen preset (the library's `sdpo` now) against GRPO on fresh seeds, on both additions.
+    "confirm": (["add2", "add3"], ["grpo", "sdpo"], CONFIRM_SEEDS),
+    # Feedback that carries more than the answer: the worked solution shown to the teacher only.
+    "word": (["word"], ["grpo", "sdpo-steps"], CONFIRM_SEEDS[:3]),
 }
 
 
@@ -446,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
         from sdpo_diagnose import diagnose
 
         return diagnose(args, tasks, arms, seeds)
-    jobs = [(task, arm, seed) for task in tasks for arm in arms for seed in seeds]
+    jobs = [(task, arm, seed) for arm in arms for task in tasks for seed in seeds]  # arm by arm, in stage order
     ran = [] if args.summary else run_study(args, jobs)
     summary = report(args, jobs)
     return {"ran": ran, "summary": summary}
