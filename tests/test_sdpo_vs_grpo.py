@@ -49,14 +49,15 @@ def test_study_runs_both_arms_then_resumes_without_rerunning(tmp_path, student_d
 
 
 def test_diagnose_scores_the_same_rollouts_under_each_arms_context(tmp_path, student_dir):
-    report = sdpo_vs_grpo.main(["--model", student_dir, "--tasks", "add2", "--arms", "sdpo", "sdpo-qlast",
+    report = sdpo_vs_grpo.main(["--model", student_dir, "--tasks", "add2", "--arms", "sdpo-paper", "sdpo-qlast",
                                 "--seeds", "0", "--diagnose", "--batches", "1", "--output", str(tmp_path)])["add2"]
-    sdpo, qlast = report["rows"]["sdpo"], report["rows"]["sdpo-qlast"]
+    sdpo, qlast = report["rows"]["sdpo-paper"], report["rows"]["sdpo-qlast"]
     assert len(sdpo) == len(qlast) == 8  # one group of the budget's 8 rollouts
     assert [r["completion"] for r in sdpo] == [r["completion"] for r in qlast]
     # The random model fails every rollout; each failure gets feedback, so a context, in both arms.
     assert all(r["failed"] and r["has_teacher"] and r["feedback"] for r in sdpo + qlast)
-    assert report["stats"]["sdpo"]["failed"]["n"] == 8 and report["stats"]["sdpo"]["failed"]["with_context"] == 1
-    assert "Correctly solve the original question" in report["teacher_prompt_example"]["sdpo"][-1]["content"]
+    failed = report["stats"]["sdpo-paper"]["failed"]
+    assert failed["n"] == 8 and failed["with_context"] == 1
+    assert "Correctly solve the original question" in report["teacher_prompt_example"]["sdpo-paper"][-1]["content"]
     assert report["teacher_prompt_example"]["sdpo-qlast"][-1]["content"].endswith("Answer with just the number.")
     assert (tmp_path / "diagnose" / "add2.json").exists()

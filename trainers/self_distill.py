@@ -33,22 +33,34 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import pad
 
-from ..context import SOURCES, Templates, teacher_prompts
+from ..context import (
+    QUESTION_LAST_FEEDBACK_TEMPLATE,
+    QUESTION_LAST_REPROMPT_TEMPLATE,
+    QUESTION_LAST_SOLUTION_TEMPLATE,
+    SOURCES,
+    Templates,
+    teacher_prompts,
+)
 from ..rewards import FEEDBACK_KEY
 from ..teachers import SelfTeacher
 from ..vllm_teacher import generation_engine_teacher
 from .core import DenseDistillTrainer, DistillConfig, no_reward
 
+PAPER_TEMPLATES = dict(reprompt_template=Templates.reprompt, solution_template=Templates.solution,
+                       feedback_template=Templates.feedback)  # the SDPO paper code's
+QUESTION_LAST_TEMPLATES = dict(reprompt_template=QUESTION_LAST_REPROMPT_TEMPLATE,
+                               solution_template=QUESTION_LAST_SOLUTION_TEMPLATE,
+                               feedback_template=QUESTION_LAST_FEEDBACK_TEMPLATE)
 PRESETS = {
     "sdpo": dict(num_generations=8, context_sources=("feedback", "sibling"), teacher="ema", teacher_update_rate=0.05,
                  objective="logits", distill_beta=0.5, distill_top_k=100, distill_add_tail=True,
-                 distill_is_clip=2.0, success_threshold=1.0),
+                 distill_is_clip=2.0, success_threshold=1.0, **QUESTION_LAST_TEMPLATES),
     "sdft": dict(num_generations=1, context_sources=("demonstration",), teacher="ema", teacher_update_rate=0.01,
                  objective="logits", distill_beta=0.0, distill_top_k=None, distill_add_tail=False,
-                 distill_is_clip=None, success_threshold=1.0),
+                 distill_is_clip=None, success_threshold=1.0, **PAPER_TEMPLATES),
     "opsd": dict(num_generations=8, context_sources=("solution",), teacher="base", teacher_update_rate=0.0,
                  objective="logits", distill_beta=0.5, distill_top_k=None, distill_add_tail=False,
-                 distill_is_clip=None, success_threshold=1.0),
+                 distill_is_clip=None, success_threshold=1.0, **PAPER_TEMPLATES),
 }
 TEACHER_CHECKPOINT_FILE = "self_teacher_weights.pt"
 
@@ -96,11 +108,13 @@ class SelfDistillConfig(DistillConfig):
                           "states."},
     )
     remove_thinking: bool = field(default=True, metadata={"help": "Strip <think>…</think> from a shown sibling."})
-    reprompt_template: str = field(default=Templates.reprompt)
-    solution_template: str = field(default=Templates.solution)
-    feedback_template: str = field(default=Templates.feedback)
     demonstration_template: str = field(default=Templates.demonstration)
     # Preset-controlled: None means "take the preset's value".
+    reprompt_template: str | None = field(
+        default=None, metadata={"help": "The teacher's prompt around its context ({prompt}, {solution}, {feedback})."})
+    solution_template: str | None = field(
+        default=None, metadata={"help": "How a shown solution or successful sibling is written ({successful_previous_attempt})."})
+    feedback_template: str | None = field(default=None, metadata={"help": "How the feedback is written ({feedback_raw})."})
     kl_coef: float | None = None
     distill_loss_weight: float | None = None
     distill_beta: float | None = None
