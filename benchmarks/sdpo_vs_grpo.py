@@ -8,7 +8,7 @@ the same in training and evaluation for every arm. Held-out greedy pass@1 is mea
 `--eval_size` problems of the task's test split, drawn with the run's seed (`selfdistill.evaluate.evaluate`).
 
 One result file per (task, arm, seed), `OUT/<task>/<arm>/seed<N>.json`, written atomically when the arm ends: the
-held-out curve, 16 held-out answers before and after, tokens, wall time (training only, evaluations excluded), the
+held-out curve, the held-out answers before and after (graded, with feedback), tokens, wall time (training only, evaluations excluded), the
 trainer's log history and the exact settings. A finished (task, arm, seed) is never run again, so an interrupted
 study resumes where it stopped; a result made with other settings than the script's stops the run (delete it, or
 use another `--output`). Arms run in `--workers` parallel processes, each on one torch thread under `nice`
@@ -189,23 +189,24 @@ def _build(settings: dict, output_dir: str):
     return run, config, model_path, train_dataset
 
 
-def _held_out(model, tokenizer, run, config, answers: int = 16) -> tuple[dict, list]:
-    """Held-out pass@1 (`evaluate`) and the first `answers` held-out greedy answers with their grade."""
-    from selfdistill.evaluate import eval_mode, evaluate, generate
-    from selfdistill.rewards import get_reward
+def _held_out(model, tokenizer, run, config) -> tuple[float, list]:
+    """Held-out greedy pass@1 and every answer with its grade and feedback, from one generation: what
+    `selfdistill.evaluate.evaluate` measures (same problems, batches, reward options and pass@1), plus the answers."""
+    from selfdistill.evaluate import eval_mode, generate
+    from selfdistill.rewards import FEEDBACK_KEY, get_reward
     from selfdistill.tasks import load_task
 
-    options = dict(n=run.eval_size, seed=config.seed, max_new_tokens=config.max_completion_length,
-                   task_options={"arithmetic": run.dataset_options})
-    scores = evaluate(model, tokenizer, ["arithmetic"], **options, reward_options=run.reward_options)["arithmetic"]
-    shown = load_task("arithmetic", split="test", n=run.eval_size, seed=config.seed, **run.dataset_options)
-    shown = shown.select(range(min(answers, len(shown))))
+    data = load_task("arithmetic", split="test", n=run.eval_size, seed=config.seed, **run.dataset_options)
     with eval_mode(model):
-        texts = generate(model, tokenizer, shown["prompt"], max_new_tokens=config.max_completion_length,
-                         temperature=0.0, batch_size=answers)
-    reward = get_reward("accuracy", **run.reward_options["accuracy"])
-    grades = reward(prompts=shown["prompt"], completions=texts, solution=shown["solution"])
-    return scores, [{"gold": g, "answer": t, "reward": r} for g, t, r in zip(shown["solution"], texts, grades)]
+        texts = generate(model, tokenizer, data["prompt"], max_new_tokens=config.max_completion_length,
+                         temperature=0.0, batch_size=16, desc="held-out")
+    slots = [[] for _ in texts]
+    grades = get_reward("accuracy", **run.reward_options["accuracy"])(
+        prompts=data["prompt"], completions=texts, solution=data["solution"], **{FEEDBACK_KEY: slots})
+    scored = [g for g in grades if g is not None]
+    answers = [{"gold": gold, "answer": text, "reward": grade, "feedback": "\n".join(slot) or None}
+               for gold, text, grade, slot in zip(data["solution"], texts, grades, slots)]
+    return sum(g >= 1.0 for g in scored) / max(len(scored), 1), answers
 
 
 def run_one(task: str, arm: str, seed: int, args) -> dict:
@@ -223,8 +224,8 @@ def run_one(task: str, arm: str, seed: int, args) -> dict:
         if os.path.exists(base_path):  # the start is the same for every arm of a (task, seed): evaluated once
             before = json.load(open(base_path))
         else:
-            scores, answers = _held_out(trainer.model, tokenizer, run, config)
-            before = {"pass@1": scores["pass@1"], "answers": answers, "settings": {"seed": seed, "task": task}}
+            accuracy, answers = _held_out(trainer.model, tokenizer, run, config)
+            before = {"pass@1": accuracy, "answers": answers, "settings": {"seed": seed, "task": task}}
             write_json(base_path, before)
         curve = [{"step": 0, "pass@1": before["pass@1"]}]
         timing = {"eval_s": 0.0}
@@ -233,8 +234,8 @@ def run_one(task: str, arm: str, seed: int, args) -> dict:
             def on_step_end(self, args_, state, control, model=None, **kwargs):
                 if state.global_step in settings["held_out_steps"] and state.global_step != 0:
                     start = time.perf_counter()
-                    scores, answers = _held_out(model, tokenizer, run, config)
-                    curve.append({"step": state.global_step, "pass@1": scores["pass@1"]})
+                    accuracy, answers = _held_out(model, tokenizer, run, config)
+                    curve.append({"step": state.global_step, "pass@1": accuracy})
                     timing["answers"] = answers
                     timing["eval_s"] += time.perf_counter() - start
 
