@@ -8,8 +8,8 @@ the same in training and evaluation for every arm. Held-out greedy pass@1 is mea
 `--eval_size` problems of the task's test split, drawn with the run's seed (`selfdistill.evaluate.evaluate`).
 
 One result file per (task, arm, seed), `OUT/<task>/<arm>/seed<N>.json`, written atomically when the arm ends: the
-held-out curve, the held-out answers before and after (graded, with feedback), tokens, wall time (training only, evaluations excluded), the
-trainer's log history and the exact settings. A finished (task, arm, seed) is never run again, so an interrupted
+held-out curve, the held-out answers before and after (graded, with feedback), tokens, wall and CPU time (training
+only, evaluations excluded), the trainer's log history, the exact settings and the resolved trainer config. A finished (task, arm, seed) is never run again, so an interrupted
 study resumes where it stopped; a result made with other settings than the script's stops the run (delete it, or
 use another `--output`). Arms run in `--workers` parallel processes, each on one torch thread under `nice`
 (the machine this was written on has 2 shared cores). `summary_<stage>.md`, `summary_<stage>.json` and `curves_<stage>_<task>.png` (mean
@@ -228,21 +228,23 @@ def run_one(task: str, arm: str, seed: int, args) -> dict:
             before = {"pass@1": accuracy, "answers": answers, "settings": {"seed": seed, "task": task}}
             write_json(base_path, before)
         curve = [{"step": 0, "pass@1": before["pass@1"]}]
-        timing = {"eval_s": 0.0}
+        timing = {"eval_s": 0.0, "eval_cpu_s": 0.0}
 
         class HeldOut(TrainerCallback):
             def on_step_end(self, args_, state, control, model=None, **kwargs):
                 if state.global_step in settings["held_out_steps"] and state.global_step != 0:
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     accuracy, answers = _held_out(model, tokenizer, run, config)
                     curve.append({"step": state.global_step, "pass@1": accuracy})
                     timing["answers"] = answers
                     timing["eval_s"] += time.perf_counter() - start
+                    timing["eval_cpu_s"] += time.process_time() - start_cpu
 
         trainer.add_callback(HeldOut())
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         trainer.train()
         wall = time.perf_counter() - start - timing["eval_s"]
+        cpu = time.process_time() - start_cpu - timing["eval_cpu_s"]  # steadier than wall time on a shared machine
         history = trainer.state.log_history
     steps = [h for h in history if "reward" in h]
     result = {
@@ -250,7 +252,7 @@ def run_one(task: str, arm: str, seed: int, args) -> dict:
         "curve": curve, "final": curve[-1]["pass@1"],
         "answers_before": before["answers"], "answers_after": timing.get("answers", []),
         "config": {k: v for k, v in config.to_dict().items() if k in RECORDED or k.startswith(("distill", "teacher"))},
-        "train_wall_s": wall, "eval_wall_s": timing["eval_s"],
+        "train_wall_s": wall, "train_cpu_s": cpu, "eval_wall_s": timing["eval_s"],
         "tokens": steps[-1].get("num_tokens") if steps else None,
         "completion_tokens": sum(h["completions/mean_length"] * config.per_device_train_batch_size for h in steps),
         "rollouts": config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps,
@@ -353,6 +355,7 @@ def summarize(results: list[dict]) -> dict:
                 "tokens": statistics.mean(r["tokens"] or 0 for r in runs),
                 "completion_tokens": statistics.mean(r["completion_tokens"] for r in runs),
                 "train_wall_s": statistics.mean(r["train_wall_s"] for r in runs),
+                "train_cpu_s": statistics.mean(r.get("train_cpu_s", float("nan")) for r in runs),
             }
     return summary
 
@@ -363,15 +366,15 @@ def format_summary(summary: dict) -> str:
         steps = sorted({s for a in arms.values() for s in a["curve"]})
         lines += [f"\n### {task}", "",
                   "| arm | seeds | " + " | ".join(f"step {s} mean [min, max]" for s in steps)
-                  + " | final per seed | tokens/run | completion tokens/run | train wall s/run |",
-                  "|---|---|" + "---:|" * len(steps) + "---|---:|---:|---:|"]
+                  + " | final per seed | tokens/run | completion tokens/run | train wall s/run | train CPU s/run |",
+                  "|---|---|" + "---:|" * len(steps) + "---|---:|---:|---:|---:|"]
         for arm, a in sorted(arms.items(), key=lambda item: -item[1]["curve"][steps[-1]]["mean"]
                              if steps[-1] in item[1]["curve"] else 0):
             cells = [f"{c['mean']:.3f} [{c['min']:.2f}, {c['max']:.2f}]" if (c := a["curve"].get(s)) else ""
                      for s in steps]
             lines.append(f"| {arm} | {len(a['seeds'])} | " + " | ".join(cells)
                          + f" | {', '.join(f'{v:.2f}' for v in a['final'])} | {a['tokens']:.0f} | "
-                         f"{a['completion_tokens']:.0f} | {a['train_wall_s']:.0f} |")
+                         f"{a['completion_tokens']:.0f} | {a['train_wall_s']:.0f} | {a['train_cpu_s']:.0f} |")
     return "\n".join(lines)
 
 
