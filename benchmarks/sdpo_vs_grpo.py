@@ -132,6 +132,8 @@ STAGES = {  # name: (tasks, arms, seeds); README "Self-distillation study" says 
     "screen2": (["add2"], ["qlast-sampled", "qlast-pw0", "qlast-live"], SCREEN_SEEDS),
     # The chosen preset (the library's `sdpo` now) against GRPO on fresh seeds, on both additions.
     "confirm": (["add2", "add3"], ["grpo", "sdpo"], CONFIRM_SEEDS),
+    # The README demo's seeds (`selfdistill train --seed N` trains exactly these runs; it evaluates the first 50).
+    "demo": (["add2"], ["grpo", "sdpo"], [0, 1, 2]),
     # Feedback that carries more than the answer: the worked solution shown to the teacher only.
     "word": (["word"], ["grpo", "sdpo-steps"], CONFIRM_SEEDS[:3]),
 }
