@@ -21,6 +21,13 @@ DEMONSTRATION_TEMPLATE = (
     "{prompt}\n\nThis is an example for a response to the question:\n{demonstration}\n\n"
     "Now answer with a response of your own, including the thinking process."
 )
+# Context first and the question last, as the last thing the teacher reads: it then answers the question itself, in
+# the student's own format. The default reprompt ends "Correctly solve the original question.", which invites a
+# revision: SmolLM2 shown it began "Sure, here's a revised version of the answer", and its students copied that
+# phrase into their own answers (benchmarks/sdpo_vs_grpo.py --diagnose measures what a template makes the teacher say).
+QUESTION_LAST_REPROMPT_TEMPLATE = "{solution}{feedback}{prompt}"
+QUESTION_LAST_SOLUTION_TEMPLATE = "A correct answer to the question below:\n{successful_previous_attempt}\n\n"
+QUESTION_LAST_FEEDBACK_TEMPLATE = "Feedback on an earlier answer to the question below: {feedback_raw}\n\n"
 SOURCES = ("feedback", "sibling", "solution", "demonstration", "privileged_context")
 _THINK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")

@@ -30,23 +30,53 @@ def _prompt(text: str, chat: bool, system_prompt: str | None):
     return messages + [{"role": "user", "content": text}]
 
 
-def _expression(rng: random.Random, difficulty: int) -> tuple[str, int]:
+def _expression(rng: random.Random, difficulty: int, operations: str) -> tuple[str, int, list[str]]:
+    """`(expression, value, worked steps)` of one problem of difficulty 1-4; `operations` is difficulty 3's."""
     if difficulty == 1:  # one-digit addition: 3 + 5
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        return f"{a} + {b}", a + b
+        return f"{a} + {b}", a + b, [f"{a} + {b} = {a + b}"]
     if difficulty == 2:  # two-digit addition: 17 + 25
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return f"{a} + {b}", a + b
-    if difficulty == 3:  # three-digit operands, mixed operations: 512 * 381
+        return f"{a} + {b}", a + b, [f"{a} + {b} = {a + b}"]
+    if difficulty == 3:  # three-digit operands, an operation from `operations`: 512 * 381
         a, b = rng.randint(100, 999), rng.randint(100, 999)
-        op = rng.choice("+-*")
-        return f"{a} {op} {b}", {"+": a + b, "-": a - b, "*": a * b}[op]
+        op = rng.choice(operations)
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return f"{a} {op} {b}", value, [f"{a} {op} {b} = {value}"]
     if difficulty == 4:  # two steps with parentheses: (43 - 17) * 12
         a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 20)
         op1, op2 = rng.choice("+-"), rng.choice("+-*")
         inner = a + b if op1 == "+" else a - b
-        return f"({a} {op1} {b}) {op2} {c}", {"+": inner + c, "-": inner - c, "*": inner * c}[op2]
-    raise ValueError(f"difficulty must be 1, 2, 3 or 4, got {difficulty}")
+        value = {"+": inner + c, "-": inner - c, "*": inner * c}[op2]
+        return f"({a} {op1} {b}) {op2} {c}", value, [f"{a} {op1} {b} = {inner}", f"{inner} {op2} {c} = {value}"]
+    raise ValueError(f"difficulty must be 1, 2, 3, 4 or 5, got {difficulty}")
+
+
+# Difficulty 5: two-step word problems, `(story, first operation, second operation)`; the numbers are two-digit.
+WORD_PROBLEMS = (
+    ("{name} has {a} {things}. {name} buys {b} more, then gives away {c}. How many {things} does {name} have now?",
+     "+", "-"),
+    ("{name} has {a} {things}, gives {b} of them to a friend, then finds {c} more. How many {things} does {name} "
+     "have now?", "-", "+"),
+    ("{name} has {a} {things}, buys {b} more, and is then given {c} more. How many {things} does {name} have now?",
+     "+", "+"),
+)
+NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas")
+THINGS = ("apples", "marbles", "stamps", "books", "coins", "stickers", "pencils", "shells")
+
+
+def _word_problem(rng: random.Random) -> tuple[str, str, int, list[str]]:
+    """`(question, expression, value, worked steps)` of a two-step word problem, e.g. "Ana has 23 apples. Ana buys
+    45 more, then gives away 17. ..." with expression "23 + 45 - 17"; every count stays positive."""
+    story, op1, op2 = rng.choice(WORD_PROBLEMS)
+    name, things = rng.choice(NAMES), rng.choice(THINGS)
+    a = rng.randint(20, 99)
+    b = rng.randint(10, a - 1) if op1 == "-" else rng.randint(10, 99)
+    inner = a + b if op1 == "+" else a - b
+    c = rng.randint(10, min(99, inner - 1)) if op2 == "-" else rng.randint(10, 99)
+    value = inner + c if op2 == "+" else inner - c
+    steps = [f"{a} {op1} {b} = {inner}", f"{inner} {op2} {c} = {value}"]
+    return story.format(name=name, things=things, a=a, b=b, c=c), f"{a} {op1} {b} {op2} {c}", value, steps
 
 
 def split_of(expression: str) -> str:
@@ -66,26 +96,44 @@ def arithmetic(
     split: str = "train",
     system_prompt: str | None = None,
     instruction: str = BOXED_INSTRUCTION,
+    operations: str = "+-*",
+    worked_steps: bool = False,
 ) -> Dataset:
     """`n` problems such as "What is 17 + 25? Put the final answer in \\boxed{}." with gold answers in `solution`.
 
     `instruction` follows the question (an empty string: none); e.g. "Answer with just the number." for a small
     model that ignores `\\boxed{}`, graded with the accuracy reward's `last_number` option.
 
-    Difficulty 1: one-digit addition; 2: two-digit addition; 3: three-digit +, -, *; 4: `(a ± b) op c` with
-    two-digit a, b. Problems are drawn with replacement from the split's share of the problem space (`split_of`), with
-    a random generator seeded by (difficulty, split, seed): the same arguments give the same dataset.
+    Difficulty 1: one-digit addition; 2: two-digit addition; 3: three-digit operands with an operation drawn from
+    `operations` (any of "+-*"; "+" gives three-digit addition); 4: `(a ± b) op c` with two-digit a, b; 5: a two-step
+    word problem ("Ana has 23 apples. Ana buys 45 more, then gives away 17. How many apples does Ana have now?").
+    With `worked_steps`, a column `privileged_context` holds the worked solution ("Worked solution: 23 + 45 = 68,
+    then 68 - 17 = 51."), which self-distillation shows its teacher with `context_sources` including
+    "privileged_context" (never the student). Problems are drawn with replacement from the split's share of the
+    problem space (`split_of` of the problem's expression), with a random generator seeded by (difficulty, split,
+    seed; and `operations` when it is not the default): the same arguments give the same dataset.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = random.Random(f"arithmetic/{difficulty}/{split}/{seed}")
-    prompts, solutions = [], []
-    while len(prompts) < n:  # ends: every (difficulty, split) holds problems, the smallest about 10 of 100
-        expression, value = _expression(rng, difficulty)
+    if not operations or set(operations) - set("+-*"):
+        raise ValueError(f"operations must be a non-empty string of '+', '-', '*', got {operations!r}")
+    if operations != "+-*" and difficulty != 3:
+        raise ValueError(f"operations applies to difficulty 3 only, got difficulty {difficulty}")
+    ops = "" if operations == "+-*" else f"/{operations}"  # the default keeps the datasets drawn before it existed
+    rng = random.Random(f"arithmetic/{difficulty}{ops}/{split}/{seed}")
+    rows = {"prompt": [], "solution": []} | ({"privileged_context": []} if worked_steps else {})
+    while len(rows["prompt"]) < n:  # ends: every (difficulty, split) holds problems, the smallest about 10 of 100
+        if difficulty == 5:
+            question, expression, value, steps = _word_problem(rng)
+        else:
+            expression, value, steps = _expression(rng, difficulty, operations)
+            question = f"What is {expression}?"
         if split_of(expression) == split:
-            prompts.append(_prompt(f"What is {expression}? {instruction}".strip(), chat, system_prompt))
-            solutions.append(str(value))
-    return Dataset.from_dict({"prompt": prompts, "solution": solutions})
+            rows["prompt"].append(_prompt(f"{question} {instruction}".strip(), chat, system_prompt))
+            rows["solution"].append(str(value))
+            if worked_steps:
+                rows["privileged_context"].append(f"Worked solution: {', then '.join(steps)}.")
+    return Dataset.from_dict(rows)
 
 
 def humaneval(

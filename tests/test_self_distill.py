@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from conftest import with_dense_advantages
 from selfdistill.rewards import FEEDBACK_KEY
 from selfdistill.teachers import TEACHER_FILE
-from selfdistill.trainers.self_distill import SelfDistillConfig, SelfDistillTrainer
+from selfdistill.trainers.self_distill import PAPER_TEMPLATES, SelfDistillConfig, SelfDistillTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors and models: see conftest
 
@@ -107,11 +107,9 @@ def rows(ids, mask):
 
 
 def feedback_reprompt(i: int) -> str:
-    """The SDPO reprompt of question i with the feedback `wrong_with_feedback` gives it (templates of the SDPO code)."""
-    return (
-        f"{question(i)}\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
-        f"The correct answer is {i + 3}.\n\n\n\nCorrectly solve the original question.\n"
-    )
+    """The `sdpo` preset's teacher prompt for question i with the feedback `wrong_with_feedback` gives it: the context
+    first, the question last (the question-last templates of `selfdistill.context`)."""
+    return f"Feedback on an earlier answer to the question below: The correct answer is {i + 3}.\n\n{question(i)}"
 
 
 def chatml(user_text: str, generation_prefix: str = "") -> str:
@@ -431,7 +429,8 @@ def test_parity_with_trl_sdpo_trainer(objective, tmp_path, tokenizer, student_di
         model=student_dir, reward_funcs=[contains_answer], train_dataset=parity_dataset(),
         args=SelfDistillConfig(output_dir=str(tmp_path / "ours"), mode="sdpo", objective=objective,
                                context_sources=["sibling", "privileged_context"], teacher="ema", policy_weight=0.0,
-                               distill_top_k=top_k, distill_beta=beta, distill_add_tail=True, **common),
+                               distill_top_k=top_k, distill_beta=beta, distill_add_tail=True,
+                               **PAPER_TEMPLATES, **common),  # TRL's SDPO uses the paper's templates
     )
     calls = record_teacher_calls(ours)
     for trainer in (theirs, ours):

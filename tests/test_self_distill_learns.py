@@ -5,8 +5,8 @@ self; after training, the student gives without the feedback the answer it could
 
 The model is a one-layer Qwen2 (width 128) on the fixture tokenizer, trained in a module fixture for 200 steps of plain
 next-token loss on the completion (15-20 s on one busy core) on a mixture of
-  (a, 55%) copying an answer shown in the context: "What is the code of xyz?" rewritten by the SDPO reprompt with the
-      feedback "The correct answer is 57." → "\\boxed{57}";
+  (a, 55%) copying an answer shown in the context: the feedback "The correct answer is 57." first, the question "What
+      is the code of xyz?" last (the layout of the `sdpo` preset's teacher prompt, with shorter text) → "\\boxed{57}";
   (b, 30%) the same question without context, answered with a random code: nobody can know the code of an unseen name;
   (c, 15%) the fixed codes of 24 "known" names, without context. Without (c) the network has no route from the
       question to an answer, and a few steps of any training only learn the codes' marginal distribution (measured:
@@ -15,13 +15,15 @@ next-token loss on the completion (15-20 s on one busy core) on a mixture of
 The 8 test names never appear in that training: without context the model gives their codes at chance (log p of the
 whole answer ≈ −5 nats), with the feedback it copies them (≈ −0.05).
 
-`SelfDistillTrainer` (SDPO preset: JSD β=0.5 on the student's top-100 with a tail bucket, EMA teacher at rate 0.05;
-context = the reward's feedback) then runs 20 steps of 8 questions × 4 rollouts, with a reward that is 1 for the right
-code and otherwise gives the feedback "The correct answer is N.". Asserted: the mean log p(right answer | question
-without context) rises by at least 2 nats. Control: 20 steps of `trl.GRPOTrainer` with the same reward, data and
-settings raise it less. Measured (before → after self-distillation; after GRPO):
-  fixture seed 0, trainer seeds 0, 1, 2:  −5.00 → −1.47, −1.49, −1.44;   GRPO −19.8, −8.0, −6.7
-  fixture seeds 1, 2, 3, trainer seed 0:  −5.23 → −0.35, −4.78 → −0.53, −4.92 → −0.33;   GRPO −10.9, −11.2, −9.0
+`SelfDistillTrainer` then runs 20 steps of 8 questions × 4 rollouts, with a reward that is 1 for the right code and
+otherwise gives the feedback "The correct answer is N."; the control is 20 steps of `trl.GRPOTrainer` with the same
+reward, data and settings. Two claims, on the mean log p(right answer | question without context):
+1. pure self-distillation (`policy_weight=0`, feedback only) raises it by at least 2 nats, and more than GRPO does;
+2. the `sdpo` preset as it is (GRPO's advantage blended in, feedback and sibling context, EMA teacher, top-100 JSD
+   with IS clip) raises it by at least 1 nat and ends above GRPO, for each of 3 trainer seeds.
+Measured on fixture seed 0 (before −4.96): (1) −0.08, GRPO −8.97; (2) trainer seeds 0, 1, 2: −1.90, −0.76, −3.50,
+GRPO −8.97, −8.41, −9.11. The layout matters: with a reader trained on the question first and the feedback after it
+(the paper's layout), which the preset's templates no longer use, the preset only reached −4.4, −4.1, −3.4 from −5.0.
 GRPO falls, probably because a success is rare (about 1 in 90) and credits a code more than the name it belongs to,
 so the policy sharpens on a few codes and the right ones lose mass.
 """
@@ -35,15 +37,16 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from conftest import build_model
-from selfdistill.context import Templates, teacher_prompt
+from selfdistill.context import QUESTION_LAST_REPROMPT_TEMPLATE, Templates, teacher_prompt
 from selfdistill.rewards import add_feedback, completion_text
 from selfdistill.trainers import SelfDistillConfig, SelfDistillTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors and models: see conftest
 
-# The default SDPO templates add about 70 tokens that the small fixture vocabulary spells nearly letter by letter:
-# they would quadruple the cost of every forward here and test nothing more. The trainer gets the same templates.
-TEMPLATES = Templates(reprompt="{prompt}{solution}{feedback}", feedback="\n{feedback_raw}")
+# The preset's templates add about 45 tokens that the small fixture vocabulary spells nearly letter by letter: they
+# would triple the cost of every forward here and test nothing more. These keep their layout (the context first, the
+# question last) with less text; the trainers get the same templates.
+TEMPLATES = Templates(reprompt=QUESTION_LAST_REPROMPT_TEMPLATE, feedback="{feedback_raw}\n")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 STEPS = 20
 
@@ -162,16 +165,20 @@ def common_settings(tmp_path) -> dict:
     )
 
 
+def questions_dataset() -> Dataset:
+    return Dataset.from_dict({
+        "prompt": [question(name) for name in TEST_CODES],
+        "solution": [str(code) for code in TEST_CODES.values()],
+    })
+
+
 def test_self_distillation_internalises_the_feedback(tmp_path, tokenizer, context_reader_dir):
     start = AutoModelForCausalLM.from_pretrained(context_reader_dir)
     before, copied = answer_logp(start, tokenizer), answer_logp(start, tokenizer, context=True)
     # The premise: the model reads the answer from its context, and does not know it without.
     assert before < -3.5 and copied > -0.5, (before, copied)
 
-    dataset = Dataset.from_dict({
-        "prompt": [question(name) for name in TEST_CODES],
-        "solution": [str(code) for code in TEST_CODES.values()],
-    })
+    dataset = questions_dataset()
     self_distill = SelfDistillTrainer(
         model=context_reader_dir,
         reward_funcs=[exact_code],
@@ -179,11 +186,10 @@ def test_self_distillation_internalises_the_feedback(tmp_path, tokenizer, contex
             **common_settings(tmp_path / "sdpo"), mode="sdpo", context_sources=("feedback",),
             reprompt_template=TEMPLATES.reprompt, feedback_template=TEMPLATES.feedback,
             # EMA, not live: at this learning rate the student's own copying decays as it trains, and a live teacher
-            # decays with it (measured with 'live': −5.0 → −3.0 and → −8.0 on two seeds).
+            # decays with it (measured with 'live', on the paper's layout: −5.0 → −3.0 and → −8.0 on two seeds).
             teacher="ema",
             # Pure self-distillation (TRL SDPOTrainer's default distillation_weight=1): the teacher is the only signal,
-            # so the comparison with the reward-only GRPO control below is clean. (With the default policy_weight=1
-            # the reward term undoes most of the gain here: −5.0 → −4.7 and → −4.1 on two seeds.)
+            # so the comparison with the reward-only GRPO control below is clean; the preset's blend is claim 2.
             policy_weight=0.0,
         ),
         train_dataset=dataset,
@@ -203,3 +209,24 @@ def test_self_distillation_internalises_the_feedback(tmp_path, tokenizer, contex
     grpo.train()
     after_grpo = answer_logp(grpo.model, tokenizer)
     assert after_grpo - before < after_self_distill - before, (before, after_grpo, after_self_distill)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_default_sdpo_preset_beats_grpo(tmp_path, tokenizer, context_reader_dir, seed):
+    """Claim 2 of the module docstring: the `sdpo` preset as it is (only the batch layout and the templates' text are
+    the test's) learns, and beats the GRPO control, for each trainer seed."""
+    settings = common_settings(tmp_path) | {"seed": seed}
+    self_distill = SelfDistillTrainer(model=context_reader_dir, reward_funcs=[exact_code],
+                                      args=SelfDistillConfig(**settings | {"output_dir": str(tmp_path / "sdpo")},
+                                                             mode="sdpo", reprompt_template=TEMPLATES.reprompt,
+                                                             feedback_template=TEMPLATES.feedback),
+                                      train_dataset=questions_dataset(), processing_class=tokenizer)
+    self_distill.train()
+    grpo = GRPOTrainer(model=context_reader_dir, reward_funcs=[exact_code],
+                       args=GRPOConfig(**settings | {"output_dir": str(tmp_path / "grpo")}),
+                       train_dataset=questions_dataset(), processing_class=tokenizer)
+    grpo.train()
+    before = answer_logp(AutoModelForCausalLM.from_pretrained(context_reader_dir), tokenizer)
+    after_self_distill, after_grpo = answer_logp(self_distill.model, tokenizer), answer_logp(grpo.model, tokenizer)
+    assert after_self_distill - before >= 1.0, (before, after_self_distill)
+    assert after_self_distill > after_grpo, (before, after_self_distill, after_grpo)

@@ -6,9 +6,28 @@ verifier's feedback on this very rollout, a successful sibling rollout, a refere
 (`trainers/core.py`): a sampled-token reverse-KL advantage through GRPO's loss, or a logit-level JSD_β term.
 
 Presets (`mode=`), each default with its source:
-- `sdpo` (Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation", arXiv:2601.20802; lasgroup/SDPO code and
-  `trl.experimental.sdpo` defaults): feedback + successful sibling, EMA teacher at rate 0.05, JSD β=0.5 on the
-  student's top-100 with a tail bucket, success threshold 1.0, IS clip 2.
+- `sdpo`: the settings of Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation", arXiv:2601.20802
+  (lasgroup/SDPO code, `trl.experimental.sdpo` defaults), with the teacher templates the seeded study
+  `benchmarks/sdpo_vs_grpo.py` chose on SmolLM2-135M-Instruct (README, "Self-distillation study"). Each default and the
+  measurement behind it: held-out greedy pass@1 after 12 steps × 8 rollouts of two-digit addition, on screening seeds
+  100 and 101 (GRPO from the same start: 0.32 and 0.23; the start: 0.15 and 0.12):
+  - context first, question last (`selfdistill.context.QUESTION_LAST_*` templates): 0.57 and 0.45, against 0.38 and
+    0.17 with the paper's reprompt, whose closing "Correctly solve the original question" makes the teacher reply
+    as a revision: 14% of its greedy replies to failed rollouts echoed the template or the feedback ("130 is
+    incorrect. The correct answer is 140.", numbered lists), 2% with these templates, and students trained on the
+    paper's wrote "1. 39 + 48 = 77" (two numbers, graded wrong).
+  - JSD β=0.5 on the student's top-100 with a tail bucket, IS clip 2 (the paper's): the sampled-token advantage gave
+    0.09 and 0.35. It pushes the wrong digit down (−4.6 nats on it in the diagnosis) without saying which digit is
+    right, which the logit-level term does: the teacher's top token at the answer's first digit was the gold's on
+    62–77% of failed rollouts.
+  - EMA teacher at rate 0.05 (the paper's): a live teacher collapsed with its student (0.03 and 0.30; answers "The
+    answer is 11. The answer is 1…").
+  - `policy_weight` 1 (GRPO's reward advantage blended in; TRL's SDPOTrainer has none): 0.40 and 0.43 without it.
+  - feedback and successful sibling, success threshold 1.0 (the paper's), with feedback that reveals the answer
+    (`MathAccuracy(reveal_solution=True)`): told only that its answer is wrong, the teacher's greedy reply was right on
+    32% of failed rollouts (86% when told the answer), and it raised the rejected answer's digits (it copies what
+    the feedback quotes). A sibling alone gave no context to 68% of failed rollouts.
+  Not measured on this scale: β, top-k and tail variants, the base teacher and other EMA rates, the temperature.
 - `sdft` (Shenfeld et al. 2026, "Self-Distillation Enables Continual Learning", arXiv:2601.19897): demonstration context, EMA 0.01,
   forward KL (β=0) over the full vocabulary (the author confirmed the paper's results used it; `distill_top_k=20`
   is the cheap option), one generation per prompt (the demonstration does not depend on siblings).
@@ -19,8 +38,8 @@ Presets (`mode=`), each default with its source:
 
 `policy_weight` (default 1) blends in GRPO's verifier-reward advantage: A = policy_weight · A_group + kl_coef · a.
 TRL's SDPOTrainer defaults to pure distillation (`distillation_weight=1`, i.e. policy_weight 0); we keep the blend on
-because pure self-distillation lost to plain GRPO on a small real model (ARCHITECTURE.md). With one generation per
-prompt A_group is 0 (GRPO has no group to compare with), so the weight has no effect there.
+because it measured better (above). With one generation per prompt A_group is 0 (GRPO has no group to compare with),
+so the weight has no effect there.
 """
 
 import os
@@ -34,23 +53,37 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, pad
 
-from ..context import SOURCES, Templates, context_leakage, teacher_prompt, teacher_prompts
+from ..context import (
+    QUESTION_LAST_FEEDBACK_TEMPLATE,
+    QUESTION_LAST_REPROMPT_TEMPLATE,
+    QUESTION_LAST_SOLUTION_TEMPLATE,
+    SOURCES,
+    Templates,
+    context_leakage,
+    teacher_prompt,
+    teacher_prompts,
+)
 from ..rewards import FEEDBACK_KEY
 from ..rewards.feedback import problem_text
 from ..teachers import SelfTeacher
 from ..vllm_teacher import generation_engine_teacher
 from .core import DenseDistillTrainer, DistillConfig, no_reward
 
+PAPER_TEMPLATES = dict(reprompt_template=Templates.reprompt, solution_template=Templates.solution,
+                       feedback_template=Templates.feedback)  # the SDPO paper code's
+QUESTION_LAST_TEMPLATES = dict(reprompt_template=QUESTION_LAST_REPROMPT_TEMPLATE,
+                               solution_template=QUESTION_LAST_SOLUTION_TEMPLATE,
+                               feedback_template=QUESTION_LAST_FEEDBACK_TEMPLATE)
 PRESETS = {
     "sdpo": dict(num_generations=8, context_sources=("feedback", "sibling"), teacher="ema", teacher_update_rate=0.05,
                  objective="logits", distill_beta=0.5, distill_top_k=100, distill_add_tail=True,
-                 distill_is_clip=2.0, success_threshold=1.0),
+                 distill_is_clip=2.0, success_threshold=1.0, **QUESTION_LAST_TEMPLATES),
     "sdft": dict(num_generations=1, context_sources=("demonstration",), teacher="ema", teacher_update_rate=0.01,
                  objective="logits", distill_beta=0.0, distill_top_k=None, distill_add_tail=False,
-                 distill_is_clip=None, success_threshold=1.0),
+                 distill_is_clip=None, success_threshold=1.0, **PAPER_TEMPLATES),
     "opsd": dict(num_generations=8, context_sources=("solution",), teacher="base", teacher_update_rate=0.0,
                  objective="logits", distill_beta=0.5, distill_top_k=None, distill_add_tail=False,
-                 distill_is_clip=None, success_threshold=1.0),
+                 distill_is_clip=None, success_threshold=1.0, **PAPER_TEMPLATES),
 }
 
 
@@ -97,11 +130,13 @@ class SelfDistillConfig(DistillConfig):
                           "states."},
     )
     remove_thinking: bool = field(default=True, metadata={"help": "Strip <think>…</think> from a shown sibling."})
-    reprompt_template: str = field(default=Templates.reprompt)
-    solution_template: str = field(default=Templates.solution)
-    feedback_template: str = field(default=Templates.feedback)
     demonstration_template: str = field(default=Templates.demonstration)
     # Preset-controlled: None means "take the preset's value".
+    reprompt_template: str | None = field(
+        default=None, metadata={"help": "The teacher's prompt around its context ({prompt}, {solution}, {feedback})."})
+    solution_template: str | None = field(
+        default=None, metadata={"help": "How a shown solution or successful sibling is written ({successful_previous_attempt})."})
+    feedback_template: str | None = field(default=None, metadata={"help": "How the feedback is written ({feedback_raw})."})
     kl_coef: float | None = None
     distill_loss_weight: float | None = None
     distill_beta: float | None = None
