@@ -220,7 +220,8 @@ def run_one(task: str, arm: str, seed: int, args) -> dict:
     settings = settings_of(task, arm, seed, args)
     with tempfile.TemporaryDirectory(prefix="sdpo_vs_grpo-") as output_dir:
         run, config, model_path, train_dataset = _build(settings, output_dir)
-        trainer = cli.build_trainer(settings["method"], run, config, model_path, train_dataset)
+        trainer = cli.build_trainer(settings["method"], run, config, model_path, train_dataset,
+                                    cli.load_rewards(run))
         tokenizer = trainer.processing_class
         base_path = os.path.join(args.output, task, "_before", f"seed{seed}.json")
         if os.path.exists(base_path):  # the start is the same for every arm of a (task, seed): evaluated once
@@ -315,8 +316,10 @@ def run_study(args, jobs: list[tuple[str, str, int]]) -> list[tuple[str, str, in
         # --workers 0 runs in this thread: a trainer is happier on the main thread
         for task, arm, seed in map(launch, todo) if args.workers == 0 else pool.map(launch, todo):
             path = result_path(args.output, task, arm, seed)
-            final = json.load(open(path))["final"] if os.path.exists(path) else None
-            bar.write(f"done {task} {arm} seed {seed}: held-out pass@1 {final}")
+            if os.path.exists(path):
+                bar.write(f"done {task} {arm} seed {seed}: held-out pass@1 {json.load(open(path))['final']}")
+            else:
+                bar.write(f"FAILED {task} {arm} seed {seed}: see its log")
             bar.update()
     if failed:
         raise SystemExit("failed runs (see their logs): " + "; ".join(f"{j} {why}" for j, why in failed))
