@@ -26,8 +26,8 @@ Measured for the untrained student ("before") and each arm ("after"), on held-ou
 - as the teacher's draft (`speculative.speculative_eval`, HF assisted generation, batch size 1, k = 2 draft tokens
   per step) on the first `--spec_n` of those problems at T = 0 and T = 0.7: measured per-position acceptance α
   (and the estimate on the same prompts), mean accepted length τ, the wall-clock speed-up over the target alone,
-  the cost ratio c and τ / (c·k + 1). k = 2: with c ≈ 0.4 the expected speed-up (1 − α^{k+1}) / ((1 − α)(ck + 1))
-  is highest at k = 1–2 for α in 0.5–0.7, and k = 3 is below 1 for α < 0.6.
+  the cost ratio c and τ / (c·k + 1). k = 2: with c ≈ 0.4 the expected speed-up
+  (1 − α^{k+1}) / ((1 − α)(ck + 1)) is highest at k = 1–2 for α in 0.5–0.7, and k = 3 is below 1 for α < 0.6.
 One seed: this measures the pipeline and the families on one run, it does not rank them (that needs ≥ 3 seeds).
 
 Everything lands in `--output_dir` (default `runs/distill_families`): each arm's model, the generated data,

@@ -130,9 +130,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="selfdistill eval",
         description="Held-out pass@1 and mean reward of a model on built-in tasks. MODEL may be the output folder of "
                     "a 'selfdistill train' run: its run_args.json then gives the defaults of --task, --n, --seed, "
-                    "--max_new_tokens, --task_options and --reward_options, so the evaluation grades as the run did. With "
-                    "--draft DRAFT: speculative decoding of MODEL with DRAFT instead ('selfdistill eval --draft DRAFT "
-                    "--model MODEL --help').")
+                    "--max_new_tokens, --task_options and --reward_options, so the evaluation grades as the run did. "
+                    "With --draft DRAFT: speculative decoding of MODEL with DRAFT instead ('selfdistill eval --draft "
+                    "DRAFT --model MODEL --help').")
     parser.add_argument("--model", required=True, help="checkpoint folder, hub id, 'smollm2', or a run folder")
     parser.add_argument("--task", action="append", choices=sorted(TASK_REWARDS),
                         help="a task to evaluate on (repeatable); default: the run's eval_tasks")

@@ -370,9 +370,9 @@ def _check_settings(output_dir: str, settings: dict) -> None:
             before = json.load(f)
         changed = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
         if changed:
-            raise BadInput(f"{output_dir} holds samples drawn with other settings ({', '.join(changed)}: "
-                             f"{ {k: before.get(k) for k in changed} } there, { {k: settings.get(k) for k in changed} } "
-                             "now); use another output_dir, or delete it to start over")
+            there, now = ({k: s.get(k) for k in changed} for s in (before, settings))
+            raise BadInput(f"{output_dir} holds samples drawn with other settings ({', '.join(changed)}: {there} "
+                           f"there, {now} now); use another output_dir, or delete it to start over")
         return
     os.makedirs(output_dir, exist_ok=True)
     with open(path, "w") as f:
@@ -396,7 +396,7 @@ def generate_best_of_n(sampler, dataset, rewards: list, output_dir: str, *, samp
 
     if "prompt" not in dataset.column_names or len(dataset) == 0:
         raise BadInput(f"generation needs a non-empty dataset with a 'prompt' column; got {len(dataset)} rows with "
-                         f"columns {dataset.column_names}")
+                       f"columns {dataset.column_names}")
     if not rewards:
         raise BadInput("best-of-N needs at least one reward function to score the samples")
     select([], selection, pass_threshold, top_m)  # an unknown selection fails before any sampling
@@ -406,8 +406,11 @@ def generate_best_of_n(sampler, dataset, rewards: list, output_dir: str, *, samp
     samples_path = os.path.join(output_dir, "samples.jsonl")
     records = {r["index"]: r for r in _read_records(samples_path)}
     prompts = dataset["prompt"]
+    if records and max(records) >= len(dataset):
+        raise BadInput(f"{samples_path} holds prompt {max(records)}, beyond this dataset's {len(dataset)} prompts; use "
+                       "another output_dir")
     for index, record in records.items():
-        if index >= len(dataset) or record["fingerprint"] != _fingerprint(prompts[index]):
+        if record["fingerprint"] != _fingerprint(prompts[index]):
             raise BadInput(f"{samples_path} has prompt {index} of another dataset; use another output_dir")
     columns = [c for c in dataset.column_names if c != "prompt"]
     pending = [i for i in range(len(dataset)) if i not in records]
@@ -461,9 +464,9 @@ def generate_best_of_n(sampler, dataset, rewards: list, output_dir: str, *, samp
     atomic_dir(os.path.join(output_dir, "dataset"), lambda d: Dataset.from_list(rows).save_to_disk(str(d)),
                replace=True)
 
-    def total(values):  # None when any count is unknown
-        values = list(values)
-        return None if any(v is None for v in values) else int(sum(values))
+    def total(counts):  # None when any count is unknown
+        counts = list(counts)
+        return None if any(c is None for c in counts) else int(sum(counts))
 
     n_samples = sum(len(r["samples"]) for r in records.values())
     summary = Summary(
@@ -504,7 +507,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n_prompts", type=int, help="number of prompts (default: the task's)")
     parser.add_argument("--prompts_file", help="a JSONL file or save_to_disk folder with a 'prompt' column (and the "
                                                "columns the rewards read), instead of --dataset_name")
-    parser.add_argument("--num_samples", type=int, default=Sampling.num_samples, help="N samples per prompt (default: 8)")
+    parser.add_argument("--num_samples", type=int, default=Sampling.num_samples,
+                        help="N samples per prompt (default: 8)")
     parser.add_argument("--temperature", type=float, default=Sampling.temperature, help="default: 1.0")
     parser.add_argument("--top_p", type=float, default=Sampling.top_p, help="default: 1.0")
     parser.add_argument("--max_new_tokens", type=int, default=Sampling.max_new_tokens, help="default: 256")

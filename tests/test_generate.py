@@ -19,7 +19,8 @@ from trl import SFTConfig, SFTTrainer
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import CHATML_TEMPLATE, QWEN2_SPLIT, SPECIAL_TOKENS, _save_model, arithmetic_corpus, free_port, stop_server
+from conftest import (CHATML_TEMPLATE, QWEN2_SPLIT, SPECIAL_TOKENS, _save_model, arithmetic_corpus, free_port,
+                      stop_server)
 from selfdistill import cli
 from selfdistill.cli import BadInput
 from selfdistill.generate import (HFSampler, OpenAISampler, Sampling, generate_best_of_n, main, parse_args,
@@ -102,6 +103,8 @@ def test_rerun_reselects_without_sampling_and_refuses_other_settings(teacher_dir
                                                                                       max_new_tokens=12))
     with pytest.raises(BadInput, match="another dataset"):
         generate_best_of_n(sampler, arithmetic(6, seed=9), [length_reward], out, sampling=sampling)
+    with pytest.raises(BadInput, match="holds prompt 5, beyond this dataset's 3 prompts"):
+        generate_best_of_n(sampler, arithmetic(3), [length_reward], out, sampling=sampling)
 
 
 def _generate_command(teacher_dir, out, n_prompts):
@@ -173,8 +176,8 @@ class ScriptedEndpoint(BaseHTTPRequestHandler):
         if self.path == "/v1/models":
             return self._send(200, {"data": [{"id": "scripted-teacher"}]})
         n = min(payload["n"], self.max_choices)
-        self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"\\boxed{{{(payload['seed'] + i) % 4}}}"}}
-                                     for i in range(n)],
+        answers = [f"\\boxed{{{(payload['seed'] + i) % 4}}}" for i in range(n)]
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": a}} for a in answers],
                          "usage": {"prompt_tokens": 10, "completion_tokens": 3 * n}})
 
     def do_GET(self):
@@ -197,7 +200,7 @@ def endpoint():
 
 def test_openai_endpoint_retries_asks_again_for_missing_choices_and_grades_with_the_real_grader(endpoint, tmp_path):
     """503 and 429 are retried (429 after its Retry-After), an endpoint giving 2 choices per request is asked again
-    until N=4; the real math grader keeps the one right answer; requests start at most `requests_per_second`."""
+    until N=4; the real math grader keeps the one right answer."""
     sampler = OpenAISampler(endpoint, backoff=0.05, requests_per_second=20, concurrency=2)
     assert sampler.model == "scripted-teacher"
     ScriptedEndpoint.failures = [503, 429]
@@ -213,8 +216,14 @@ def test_openai_endpoint_retries_asks_again_for_missing_choices_and_grades_with_
     assert len(posts) == 2 + 3 * 2  # the two failed attempts, then two requests (n=4, then n=2) per prompt
     assert [p["n"] for _, p in posts[2:]].count(4) == 3
     assert {Sampling().seed_for(i) for i in range(3)} <= {p["seed"] for _, p in posts}
-    starts = sorted(t for t, _, _ in ScriptedEndpoint.calls)
-    assert min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 20 - 0.01
+
+
+def test_openai_requests_are_rate_bounded(endpoint):
+    """Four threads, ten request starts per second: 1 + 8 requests take at least 0.8 s (a few ms without the bound)."""
+    sampler = OpenAISampler(endpoint, requests_per_second=10, concurrency=4)
+    sampler.sample([[{"role": "user", "content": f"{i}"}] for i in range(8)], 0, Sampling(num_samples=2))
+    arrivals = sorted(t for t, _, _ in ScriptedEndpoint.calls)
+    assert len(arrivals) == 9 and arrivals[-1] - arrivals[0] >= 0.8 - 0.05
 
 
 def test_openai_endpoint_refuses_clearly(endpoint):
@@ -324,3 +333,23 @@ def test_vllm_server_is_an_openai_teacher(teacher_dir, tmp_path):
         assert json.loads(data[0].splitlines()[0])["teacher"] == "fixture-teacher"
     finally:
         stop_server(proc, log)
+
+
+@pytest.mark.vllm
+def test_vllm_offline_sampler_draws_n_seeded_samples_per_prompt(teacher_dir, tmp_path, monkeypatch):
+    """`LLM.chat` with `SamplingParams(n=N)`: N samples per prompt with the engine's token ids and counts, the same
+    samples again for the same request seeds, and a dataset written from them."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from selfdistill.generate import VLLMSampler
+
+    sampler = VLLMSampler(teacher_dir, dtype="float32", max_model_len=512, seed=0)
+    prompts = arithmetic(3)["prompt"]
+    sampling = Sampling(num_samples=3, max_new_tokens=12)
+    first, again = (sampler.sample(prompts, 0, sampling) for _ in range(2))
+    assert [[s.text for s in p.samples] for p in first] == [[s.text for s in p.samples] for p in again]
+    assert all(len(p.samples) == 3 and p.prompt_tokens > 0 for p in first)
+    assert all(s.tokens == len(s.token_ids) <= 12 for p in first for s in p.samples)
+    assert len({s.text for p in first for s in p.samples}) > 3  # samples, not one greedy answer
+    summary = generate_best_of_n(sampler, arithmetic(3), [length_reward], str(tmp_path / "bon"), sampling=sampling,
+                                 progress=False)
+    assert summary.samples == 9 and summary.completion_tokens == sum(s.tokens for p in first for s in p.samples)
