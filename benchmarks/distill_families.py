@@ -31,8 +31,8 @@ Measured for the untrained student ("before") and each arm ("after"), on held-ou
 One seed: this measures the pipeline and the families on one run, it does not rank them (that needs ≥ 3 seeds).
 
 Everything lands in `--output_dir` (default `runs/distill_families`): each arm's model, the generated data,
-`results.json` (written after every model, so a rerun skips what is done), `table.md` and the figure (`--figure`,
-default `docs/distill_families.png`).
+`results.json` (written after each arm's training and each of its measurements, so a rerun continues where it
+stopped), `table.md` and the figure (`--figure`, default `docs/distill_families.png`).
 """
 
 import argparse
@@ -133,26 +133,29 @@ def best_of_n(teacher: str, n_prompts: int, out: str, args, grow_from: str | Non
                               reward_options=REWARD_OPTIONS, pass_threshold=args.pass_threshold, batch_size=4)
 
 
-def measure(model_dir: str, teacher: str, args) -> dict:
-    """Held-out accuracy, reverse KL and estimated acceptance, and the speculative-decoding measurements."""
+def held_out(model_dir: str, teacher: str, args) -> dict:
+    """Held-out greedy accuracy, and the reverse KL and estimated acceptance on the student's samples."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from selfdistill.evaluate import distill_metrics, evaluate
-    from selfdistill.speculative import speculative_eval
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    held_out = dict(n=args.eval_n, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                    task_options={TASK: TASK_OPTIONS})
-    accuracy = evaluate(student, tokenizer, [TASK], **held_out, reward_options=REWARD_OPTIONS)[TASK]["pass@1"]
-    close = distill_metrics(student, teacher_model, tokenizer, [TASK], **held_out, temperature=args.temperature)[TASK]
-    del student, teacher_model
+    options = dict(n=args.eval_n, seed=args.seed, max_new_tokens=args.max_new_tokens, task_options={TASK: TASK_OPTIONS})
+    accuracy = evaluate(student, tokenizer, [TASK], **options, reward_options=REWARD_OPTIONS)[TASK]["pass@1"]
+    close = distill_metrics(student, teacher_model, tokenizer, [TASK], **options, temperature=args.temperature)[TASK]
+    return {"accuracy": accuracy, "reverse_kl": close["reverse_kl"], "estimated_acceptance": close["acceptance"]}
+
+
+def as_draft(model_dir: str, teacher: str, args) -> dict:
+    """The student as the teacher's draft (`speculative_eval`) at T=0 and at the sampling temperature."""
+    from selfdistill.speculative import speculative_eval
+
     spec = speculative_eval(teacher, model_dir, [TASK], n=args.spec_n, seed=args.seed, k=args.k,
                             temperatures=(0.0, args.temperature), max_new_tokens=args.max_new_tokens,
                             task_options={TASK: TASK_OPTIONS}, cost_prompts=2)
-    return {"accuracy": accuracy, "reverse_kl": close["reverse_kl"], "estimated_acceptance": close["acceptance"],
-            "speculative": spec[TASK], "cost": spec["cost"]}
+    return {"speculative": spec[TASK], "cost": spec["cost"]}
 
 
 def run(args) -> dict:
@@ -190,15 +193,17 @@ def run(args) -> dict:
         MODELS[1]: lambda: _arm_sft(teacher, student, prompts, "a", args, root, grow_from=root / "c" / "data"),
         MODELS[2]: lambda: _arm_opd(student, teacher, steps, root / "b" / "model", args),
     }
-    for name, train in arms.items():
-        if name in results:
-            continue
-        started = time.monotonic()
-        model_dir, record = train()
-        record["train_seconds"] = time.monotonic() - started
-        record |= measure(model_dir, teacher, args)
-        results[name] = record
-        save()
+    for name, train in arms.items():  # each part is saved when done, so a rerun continues where it stopped
+        record = results.setdefault(name, {})
+        if "model" not in record:
+            started = time.monotonic()
+            model_dir, info = train()
+            record |= info | {"model": model_dir, "train_seconds": time.monotonic() - started}
+            save()
+        for key, measure in (("accuracy", held_out), ("speculative", as_draft)):
+            if key not in record:
+                record |= measure(record["model"], teacher, args)
+                save()
         print(f"{name}: {json.dumps({k: v for k, v in record.items() if k != 'speculative'})}", flush=True)
     (root / "table.md").write_text(table(results))
     plot(results, args.figure)

@@ -9,7 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfdistill import cli
-from selfdistill.speculative import StepCounts, check_same_tokenizer, measure_hf, speculative_eval
+from selfdistill.evaluate import _generated
+from selfdistill.speculative import (StepCounts, check_same_tokenizer, measure_hf, speculative_eval,
+                                     target_sample_acceptance)
 from selfdistill.tasks import arithmetic
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
@@ -102,6 +104,32 @@ def test_weak_draft_at_temperature_accepts_less_than_all(teacher_dir, weak_draft
     assert 0.1 < r["alpha"] < 1.0 and 1.0 <= r["tau"] < K + 1
 
 
+@torch.no_grad()
+def test_acceptance_on_the_targets_samples_is_the_full_distribution_overlap(teacher_dir, weak_draft_dir, tokenizer):
+    """Σ_v min(T(v), S(v)) over the target's own samples, chunked, equals the overlap of full-logit softmaxes on the
+    same samples; with the target as its own draft it is 1."""
+    target, draft = load(teacher_dir), load(weak_draft_dir)
+    options = dict(temperature=0.7, max_new_tokens=16, seed=3)
+    value = target_sample_acceptance(target, draft, tokenizer, PROMPTS, chunk=5, **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        overlaps = []
+        for batch, ids in _generated(target, tokenizer, PROMPTS, max_new_tokens=16, temperature=0.7, batch_size=4,
+                                     desc="reference"):
+            length = batch["input_ids"].shape[1]
+            for row, prompt_mask in zip(ids, batch["attention_mask"]):
+                completion = row[length:].tolist()
+                end = completion.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in completion else 16
+                sequence = row[: length + end][None]
+                mask = torch.cat([prompt_mask, torch.ones(end, dtype=torch.long)])[None]
+                p, q = ((m(input_ids=sequence, attention_mask=mask).logits[0, length - 1 : -1] / 0.7).softmax(-1)
+                        for m in (target, draft))
+                overlaps.append(torch.minimum(p, q).sum(-1))
+    assert value == pytest.approx(torch.cat(overlaps).mean().item(), rel=1e-5)
+    assert 0 < value < 0.99
+    assert target_sample_acceptance(target, target, tokenizer, PROMPTS, **options) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_a_draft_with_another_tokenizer_is_refused(tokenizer):
     other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     other.add_tokens(["<extra>"])
@@ -121,6 +149,7 @@ def test_eval_with_a_draft_on_the_command_line(teacher_dir, weak_draft_dir, tmp_
     assert set(report["arithmetic"]) == {"T=0", "T=1"} and report["settings"]["k"] == 2
     assert report["arithmetic"]["T=0"]["greedy_identical"] == 3
     assert 0 < report["arithmetic"]["T=1"]["estimated_acceptance"] <= 1 and report["cost"]["cost_ratio"] > 0
+    assert 0 < report["arithmetic"]["T=1"]["target_sample_acceptance"] <= 1
 
 
 @pytest.mark.vllm
