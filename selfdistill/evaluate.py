@@ -130,7 +130,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="selfdistill eval",
         description="Held-out pass@1 and mean reward of a model on built-in tasks. MODEL may be the output folder of "
                     "a 'selfdistill train' run: its run_args.json then gives the defaults of --task, --n, --seed, "
-                    "--max_new_tokens, --task_options and --reward_options, so the evaluation grades as the run did.")
+                    "--max_new_tokens, --task_options and --reward_options, so the evaluation grades as the run did. "
+                    "With --draft DRAFT: speculative decoding of MODEL with DRAFT instead ('selfdistill eval --draft "
+                    "DRAFT --model MODEL --help').")
     parser.add_argument("--model", required=True, help="checkpoint folder, hub id, 'smollm2', or a run folder")
     parser.add_argument("--task", action="append", choices=sorted(TASK_REWARDS),
                         help="a task to evaluate on (repeatable); default: the run's eval_tasks")
@@ -177,9 +179,14 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    """`selfdistill eval`: evaluate, print a table, optionally write JSON."""
+    """`selfdistill eval`: evaluate, print a table, optionally write JSON. With `--draft`, speculative decoding of
+    the model with that draft instead (`selfdistill.speculative.main`, its own flags)."""
     from .cli import resolve_model
 
+    if any(arg == "--draft" or arg.startswith("--draft=") for arg in argv):
+        from .speculative import main as speculative_main
+
+        return speculative_main(argv)
     args = parse_args(argv)
     options = settings(args)
     results = evaluate_path(resolve_model(args.model), options.pop("tasks"), args.output,
