@@ -28,6 +28,7 @@ COMMANDS = {
     "train": ("selfdistill.cli:train", "train a model (and a baseline), evaluate it before/after, plot its curves"),
     "eval": ("selfdistill.evaluate:main", "held-out pass@1 of a checkpoint or of a `selfdistill train` run folder"),
     "plot": ("selfdistill.plot:main", "draw a run's training curves and held-out evaluations to a PNG"),
+    "continual": ("selfdistill.continual:main", "train stages in sequence, evaluate every task after each: forgetting table"),
 }
 
 METHODS = ("opd", "sdpo", "sdft", "opsd", "grpo", "sft")

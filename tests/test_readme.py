@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from transformers import Trainer
 
-from selfdistill import cli, evaluate, plot
+from selfdistill import cli, continual, evaluate, plot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
@@ -36,7 +36,7 @@ def _train(argv):
     return config
 
 
-PARSERS = {"train": _train, "eval": evaluate.parse_args, "plot": plot.parse_args}
+PARSERS = {"train": _train, "eval": evaluate.parse_args, "plot": plot.parse_args, "continual": continual.parse_args}
 
 
 def selfdistill_commands() -> list[list[str]]:
