@@ -7,7 +7,10 @@
   `if-verifiable` package, plus three rules IFEval lacks because its checkers are easy to game by a policy:
   a response that restates the instruction (any `RESTATED_NGRAM` consecutive words of it) scores 0, since IFEval's
   own wording contains what several checkers look for (the keyword, "P.S.", a `<<title>>`, two `* ` bullets);
-  one shorter than `min_words` words scores 0 ("less than 30 words" is met by saying nothing); one longer than
+  one with fewer than `min_words` prose words scores 0: "less than 30 words" is met by saying nothing, and a model
+  that has turned every answer into the new skill's format (`{"name": "walk", "arguments": {...}}`, seen after SFT
+  on tool calls) meets a keyword or a word limit without writing a sentence; a prose word is a run of letters
+  between spaces or sentence punctuation (`PROSE_WORD`), so quoted JSON keys and code do not count; one longer than
   `max_chars` scores 0 without being checked.
 Both give feedback per rollout and return 1.0 or 0.0 (strict pass of every instruction, IFEval's prompt-level
 strict accuracy).
@@ -21,6 +24,9 @@ from .feedback import add_feedback, completion_text
 _FENCE = re.compile(r"\A```(?:json)?\s*\n?(.*?)\n?```\Z", re.S)
 _WORD = re.compile(r"[a-z0-9]+")
 RESTATED_NGRAM = 5  # words: IFEval's shortest instruction text used here has 6
+# A word of running text: letters (and apostrophes) after a space, a line start, an opening bracket or a hyphen,
+# before a space, sentence punctuation, a hyphen or the end; `"name":` or `get_weather(` are not.
+PROSE_WORD = re.compile(r"(?<![^\s(-])[A-Za-z][A-Za-z']*(?=[\s.,!?;:)-]|$)")
 
 
 class _DuplicateKey(ValueError):
@@ -131,8 +137,8 @@ class InstructionFollowing:
             why = None
             if len(text) > self.max_chars:
                 why = f"response of {len(text)} characters, over the limit of {self.max_chars}"
-            elif len(_WORD.findall(text.lower())) < self.min_words:
-                why = f"response of fewer than {self.min_words} words"
+            elif len(PROSE_WORD.findall(text)) < self.min_words:
+                why = f"response of fewer than {self.min_words} prose words"
             elif any(restates(text, d) for d in descriptions):
                 why = "the response restates the instruction"
             else:

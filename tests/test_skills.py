@@ -142,9 +142,16 @@ def test_instruction_task_covers_the_cases():
 
 
 @pytest.mark.parametrize("text, instruction_id, kwargs, why", [
-    ("", "punctuation:no_comma", None, "fewer than 5 words"),
-    ("   \n\t", "change_case:english_lowercase", None, "fewer than 5 words"),
-    ("ok.", "length_constraints:number_words", {"num_words": 20, "relation": "less than"}, "fewer than 5 words"),
+    ("", "punctuation:no_comma", None, "fewer than 5 prose words"),
+    ("   \n\t", "change_case:english_lowercase", None, "fewer than 5 prose words"),
+    ("ok.", "length_constraints:number_words", {"num_words": 20, "relation": "less than"}, "fewer than 5 prose words"),
+    # The new skill's format taking over every answer (SmolLM2 after SFT on tool calls): no sentence written.
+    ('{"name": "morning", "arguments": {"arguments": {"name": "morning"}}}', "keywords:existence",
+     {"keywords": ["morning"]}, "fewer than 5 prose words"),
+    ('{"name": "walk", "arguments": {"length": 1}}', "length_constraints:number_words",
+     {"num_words": 30, "relation": "less than"}, "fewer than 5 prose words"),
+    ("def blue():\n    return light_water[0] + green_small(x)", "keywords:existence", {"keywords": ["blue"]},
+     "fewer than 5 prose words"),
     ("<think>the answer is short and has no comma", "punctuation:no_comma", None, "not followed"),  # never closed
     ("the sea " * 3000, "change_case:english_lowercase", None, "over the limit"),
     # The instruction restated: IFEval's own wording holds what the checker looks for.
@@ -167,6 +174,7 @@ def test_instruction_grader_is_deterministic_and_reads_its_options():
     text = "the river runs past the old mill and the green fields"
     assert {_if_score(text, "change_case:english_lowercase")[0] for _ in range(5)} == {1.0}
     assert _if_score("ok then.", "punctuation:no_comma", min_words=2)[0] == 1.0
+    assert _if_score('"Yes (it is) blue; really: it is!"', "keywords:existence", {"keywords": ["blue"]})[0] == 1.0
     assert _if_score(text, "punctuation:no_comma", max_chars=20)[0] == 0.0
     assert restates("we include keywords blue in the text", "Include keywords ['blue'] in the response.")
     assert not restates("the sky is blue", "Include keywords ['blue'] in the response.")
