@@ -67,7 +67,10 @@ from .cli import BadInput
 
 PLAN_KEYS = {"model_name_or_path", "output_dir", "seeds", "train", "stages", "arms", "evaluation"}
 OWN_FIELDS = {"model_name_or_path", "output_dir", "seed", "eval_tasks", "baseline"}  # set by the harness per stage
+# Defaults of an evaluation row: `selfdistill train`'s eval_size and `evaluate.MAX_NEW_TOKENS`.
 TASK_DEFAULTS = {"n": 50, "max_new_tokens": 64, "options": {}, "reward_options": {}}
+# Defaults of the KL row: 24 of the 40 general prompts and 48 tokens, sampled at T=1 (the start's own distribution):
+# about 1,100 scored tokens, chosen for cost (sampling them once took under a minute for SmolLM2-135M on one core).
 KL_DEFAULTS = {"task": "general", "n": 24, "max_new_tokens": 48, "temperature": 1.0, "options": {}}
 KL_ROW = "kl_from_start"
 
@@ -98,6 +101,7 @@ def load_plan(path: str, output_dir: str | None = None, seeds: list[int] | None 
     plan = {"model_name_or_path": "smollm2", "output_dir": "runs/continual", "seeds": [0], "train": {},
             "arms": None, **plan}
     plan["output_dir"] = output_dir or plan["output_dir"]
+    plan["train"] = plan["train"] or {}
     plan["seeds"] = list(seeds if seeds is not None else plan["seeds"])
     if not plan["seeds"] or not all(isinstance(s, int) for s in plan["seeds"]) or len(set(plan["seeds"])) < len(plan["seeds"]):
         raise BadInput(f"seeds must be distinct integers, got {plan['seeds']}")

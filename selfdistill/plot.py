@@ -111,15 +111,20 @@ def plot_forgetting(result: dict | str, output: str | None = None) -> str:
             result = json.load(f)
     if not result["summary"]:
         raise ValueError("nothing to plot: no arm has finished all its stages yet")
-    rows, stages = result["rows"], result["stages"]
+    rows, stages, arms = result["rows"], result["stages"], result["summary"]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), squeeze=False)
     for ax, row in zip(axes[0], rows):
-        for arm, summary in result["summary"].items():
+        for i, (arm, summary) in enumerate(arms.items()):
             cells = summary["table"][row]
-            ax.errorbar(range(len(stages)), [c["mean"] for c in cells], yerr=[c["std"] for c in cells], marker="o",
-                        capsize=3, label=f"{arm} ({summary['seeds']} seeds)")
+            shift = (i - (len(arms) - 1) / 2) * 0.05  # arms side by side, so their error bars do not overlap
+            ax.errorbar([s + shift for s in range(len(stages))], [c["mean"] for c in cells],
+                        yerr=[c["std"] for c in cells], marker="o", capsize=3, label=f"{arm} ({summary['seeds']} seed{'s' * (summary['seeds'] != 1)})")
         ax.set_xticks(range(len(stages)), stages, rotation=15)
-        ax.set_title(row + (" (nats/token, lower: less drift)" if row == "kl_from_start" else " (pass@1)"))
+        if row == "kl_from_start":
+            ax.set_title("KL from the start (nats/token)")
+        else:
+            ax.set_title(f"{row} (pass@1)")
+            ax.set_ylim(-0.05, 1.05)
     axes[0][0].legend(fontsize=8)
     return _save(fig, output)
 

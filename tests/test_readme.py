@@ -8,8 +8,8 @@
   relative).
 - ```bash blocks: each `selfdistill ...` command (after joining `\\` continuations and dropping comments) is parsed
   exactly as the command would parse it, and nothing is run: `train` through `cli.parse_train_args` (with
-  `--use_cpu true` appended, so a bf16 recipe parses on a CPU machine), `eval` and `plot` through their modules'
-  `parse_args`, `--help` through `cli.main` (exit 0). Other commands (make, pip) are not checked.
+  `--use_cpu true` appended, so a bf16 recipe parses on a CPU machine), `eval`, `plot` and `continual` through
+  their modules' `parse_args`, `--help` through `cli.main` (exit 0). Other commands (make, pip) are not checked.
 """
 
 import re
