@@ -115,10 +115,11 @@ def plot_forgetting(result: dict | str, output: str | None = None) -> str:
     fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), squeeze=False)
     for ax, row in zip(axes[0], rows):
         for i, (arm, summary) in enumerate(arms.items()):
-            cells = summary["table"][row]
+            cells, seeds = summary["table"][row], summary["seeds"]
             shift = (i - (len(arms) - 1) / 2) * 0.05  # arms side by side, so their error bars do not overlap
             ax.errorbar([s + shift for s in range(len(stages))], [c["mean"] for c in cells],
-                        yerr=[c["std"] for c in cells], marker="o", capsize=3, label=f"{arm} ({summary['seeds']} seed{'s' * (summary['seeds'] != 1)})")
+                        yerr=[c["std"] for c in cells], marker="o", capsize=3,
+                        label=f"{arm} ({seeds} seed{'s' * (seeds != 1)})")
         ax.set_xticks(range(len(stages)), stages, rotation=15)
         if row == "kl_from_start":
             ax.set_title("KL from the start (nats/token)")
