@@ -36,6 +36,8 @@ Rewards and their columns
 - `think_format`, `boxed_format`, `overlong_penalty(max_length, cache_length)`: format and length.
 - `CodeTests` ("code"): runs the completion's program against column `tests` (optional `entry_point`,
   `code_prompt`) in a subprocess sandbox with time, memory, process, output and network limits.
+- `ToolCallMatch` ("tool_call"), `InstructionFollowing` ("instructions"): the continual-learning tasks' graders
+  (`rewards/skills.py`): one exact JSON tool call; IFEval's instruction checkers, hardened.
 `get_reward(name, **options)` builds one by name, for recipes (`reward_funcs: [accuracy, think_format]`).
 Rewards accept and ignore unknown keyword arguments (TRL's `trainer_state`, `log_extra`, `log_metric`, other columns).
 """
@@ -46,16 +48,19 @@ from .format import boxed_format, overlong_penalty, think_format, think_problem
 from .answers import Answer, final_answer, gold_answer, last_boxed, number_values
 from .math import MathAccuracy, MathVerifier
 from .sandbox import Sandbox, SandboxLimits, SandboxResult
+from .skills import InstructionFollowing, ToolCallMatch
 
 __all__ = [
     "FEEDBACK_KEY",
     "CodeTests",
+    "InstructionFollowing",
     "Answer",
     "MathAccuracy",
     "MathVerifier",
     "Sandbox",
     "SandboxLimits",
     "SandboxResult",
+    "ToolCallMatch",
     "add_feedback",
     "boxed_format",
     "build_program",
@@ -74,7 +79,8 @@ __all__ = [
 
 def get_reward(name: str, **options):
     """A ready reward function by name: "accuracy" (`MathAccuracy(**options)`), "think_format", "boxed_format",
-    "overlong" (`overlong_penalty(**options)`, needs `max_length` and `cache_length`), "code" (`CodeTests(**options)`).
+    "overlong" (`overlong_penalty(**options)`, needs `max_length` and `cache_length`), "code" (`CodeTests(**options)`),
+    "tool_call" (`ToolCallMatch`), "instructions" (`InstructionFollowing`).
     """
     builders = {
         "accuracy": MathAccuracy,
@@ -82,6 +88,8 @@ def get_reward(name: str, **options):
         "boxed_format": lambda: boxed_format,
         "overlong": overlong_penalty,
         "code": CodeTests,
+        "tool_call": ToolCallMatch,
+        "instructions": InstructionFollowing,
     }
     if name not in builders:
         raise ValueError(f"unknown reward {name!r}; choose from {sorted(builders)}")

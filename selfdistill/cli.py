@@ -29,6 +29,7 @@ COMMANDS = {
     "eval": ("selfdistill.evaluate:main", "held-out pass@1 of a checkpoint or of a `selfdistill train` run folder"),
     "plot": ("selfdistill.plot:main", "draw a run's training curves and held-out evaluations to a PNG"),
     "generate": ("selfdistill.generate:main", "best-of-N synthetic data from a teacher (HF, vLLM, OpenAI API) for SFT"),
+    "continual": ("selfdistill.continual:main", "train stages in sequence, evaluate every task after each: forgetting table"),
 }
 
 METHODS = ("opd", "sdpo", "sdft", "opsd", "grpo", "sft")

@@ -28,7 +28,8 @@ from .tasks import load_task
 from .teachers import ModelTeacher
 
 TASK_REWARDS = {"arithmetic": "accuracy", "humaneval": "code", "gsm8k": "accuracy", "math": "accuracy",
-                "deepmath": "accuracy", "openthoughts": "accuracy"}
+                "deepmath": "accuracy", "openthoughts": "accuracy",
+                "tool_calls": "tool_call", "instructions": "instructions"}
 MAX_NEW_TOKENS = 64  # tokens generated per problem when neither a flag nor a run says otherwise
 
 

@@ -1,7 +1,8 @@
 """PNG curves of a run from the trainer's log history (`trainer_state.json`) and its eval points (`eval.json`).
 
 `selfdistill plot RUN_DIR [--output PNG]` is `main(argv)`; a run of any method (GRPO, the distillation trainers, SFT)
-gets a panel per curve it logged and one for its held-out pass@1.
+gets a panel per curve it logged and one for its held-out pass@1; a `selfdistill continual` folder (with
+`forgetting.json`) gets its forgetting plot (`plot_forgetting`).
 """
 
 import argparse
@@ -118,6 +119,40 @@ def plot_comparison(root: str, methods: list[str], output: str | None = None) ->
     return _save(fig, output or os.path.join(root, "curves.png"))
 
 
+def plot_forgetting(result: dict | str, output: str | None = None) -> str:
+    """One PNG for a `selfdistill continual` report (`forgetting.json`, or its dict): a panel per evaluated row,
+    its value at the start and after each stage, one line per arm (mean over seeds, error bars ±1 standard
+    deviation). `output` defaults to `forgetting.png` next to a report file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if isinstance(result, str):
+        output = output or os.path.join(os.path.dirname(result), "forgetting.png")
+        with open(result) as f:
+            result = json.load(f)
+    if not result["summary"]:
+        raise ValueError("nothing to plot: no arm has finished all its stages yet")
+    rows, stages, arms = result["rows"], result["stages"], result["summary"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        for i, (arm, summary) in enumerate(arms.items()):
+            cells, seeds = summary["table"][row], summary["seeds"]
+            shift = (i - (len(arms) - 1) / 2) * 0.05  # arms side by side, so their error bars do not overlap
+            ax.errorbar([s + shift for s in range(len(stages))], [c["mean"] for c in cells],
+                        yerr=[c["std"] for c in cells], marker="o", capsize=3,
+                        label=f"{arm} ({seeds} seed{'s' * (seeds != 1)})")
+        ax.set_xticks(range(len(stages)), stages, rotation=15)
+        if row == "kl_from_start":
+            ax.set_title("KL from the start (nats/token)")
+        else:
+            ax.set_title(f"{row} (pass@1)")
+            ax.set_ylim(-0.05, 1.05)
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, output)
+
+
 def _save(fig, output: str) -> str:
     import matplotlib.pyplot as plt
 
@@ -132,7 +167,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="selfdistill plot",
         description="Draw a run's curves (loss, reward, distillation metrics, from trainer_state.json or its newest "
-                    "checkpoint's) and held-out pass@1 (eval.json) to a PNG.")
+                    "checkpoint's) and held-out pass@1 (eval.json) to a PNG; for a 'selfdistill continual' folder, "
+                    "each task's score after each stage, per arm (forgetting.json).")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/demo/sdpo")
     parser.add_argument("--output", help="the PNG to write (default: RUN_DIR/curves.png)")
     return parser.parse_args(argv)
@@ -144,6 +180,7 @@ def main(argv: list[str]) -> str:
     if not os.path.isdir(args.run_dir):
         print(f"selfdistill plot: error: no run folder {args.run_dir!r}", file=sys.stderr)
         raise SystemExit(2)
-    path = plot_run(args.run_dir, args.output)
+    report = os.path.join(args.run_dir, "forgetting.json")  # a `selfdistill continual` folder
+    path = plot_forgetting(report, args.output) if os.path.exists(report) else plot_run(args.run_dir, args.output)
     print(path)
     return path

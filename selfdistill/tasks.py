@@ -7,6 +7,8 @@
 - `demonstrations`: any dataset with a prompt and a demonstration per row (SDFT), local or from the Hub.
 - `load_hub`: Hugging Face Hub math datasets mapped to `prompt`, `solution` by one of the row adapters
   (`ROW_ADAPTERS`: gsm8k, MATH, DeepMath, OpenThoughts conventions).
+- `tool_calls`, `instructions`, `general`: the continual-learning tasks of `selfdistill.skills` (a new skill from
+  demonstrations, IFEval-style instruction following, general prompts for the KL-from-start measure).
 `load_task(name, split, n, seed)` builds any of them by name (`TASKS`), for the CLI and recipes.
 Prompts are chat messages (`chat=True`, for instruct models) or plain strings, and ask for the answer in `\\boxed{}`.
 """
@@ -269,7 +271,18 @@ def demonstrations(
     return dataset.map(convert, remove_columns=dataset.column_names)
 
 
+def _skill(name: str):
+    """A builder of `selfdistill.skills` (imported when called: that module builds on this one)."""
+    def build(**options):
+        from . import skills
+
+        return getattr(skills, name)(**options)
+
+    return build
+
+
 TASKS = {"arithmetic": arithmetic, "humaneval": humaneval, "demonstrations": demonstrations} | {name: partial(load_hub, name) for name in HUB_DATASETS}
+TASKS |= {name: _skill(name) for name in ("tool_calls", "instructions", "general")}  # selfdistill/skills.py
 
 
 def load_task(name: str, split: str | None = None, n: int | None = None, seed: int = 0, **options) -> Dataset:

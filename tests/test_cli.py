@@ -250,7 +250,7 @@ def test_eval_of_a_run_folder_reproduces_the_pass_at_1_the_run_recorded(student_
     assert evaluated["options"]["max_new_tokens"] == 4 and evaluated["options"]["n"] == 20
 
     capsys.readouterr()
-    strict = cli.main(["eval", "--model", str(run_dir), "--reward_options", "{}"])
+    cli.main(["eval", "--model", str(run_dir), "--reward_options", "{}"])
     assert "| arithmetic | 0.000 | 0.000 | 20 |" in capsys.readouterr().out
 
 

@@ -9,8 +9,8 @@
 - ```bash blocks: each `selfdistill ...` command (after joining `\\` continuations and dropping comments) is parsed
   exactly as the command would parse it, and nothing is run: `train` through `cli.parse_train_args` (with
   `--use_cpu true` appended, so a bf16 recipe parses on a CPU machine), `eval` (`speculative.parse_args` with
-  `--draft`), `plot` and `generate` through their modules' `parse_args`, `--help` through `cli.main` (exit 0).
-  Other commands (make, pip) are not checked.
+  `--draft`), `plot`, `generate` and `continual` through their modules' `parse_args`, `--help` through `cli.main`
+  (exit 0). Other commands (make, pip) are not checked.
 """
 
 import re
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from transformers import Trainer
 
-from selfdistill import cli, evaluate, generate, plot, speculative
+from selfdistill import cli, continual, evaluate, generate, plot, speculative
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
@@ -41,7 +41,8 @@ def _eval(argv):
     return (speculative.parse_args if "--draft" in argv else evaluate.parse_args)(argv)  # as evaluate.main dispatches
 
 
-PARSERS = {"train": _train, "eval": _eval, "plot": plot.parse_args, "generate": generate.parse_args}
+PARSERS = {"train": _train, "eval": _eval, "plot": plot.parse_args, "generate": generate.parse_args,
+           "continual": continual.parse_args}
 
 
 def selfdistill_commands() -> list[list[str]]:

@@ -35,7 +35,6 @@ import sys
 import types
 
 import pytest
-import torch
 from datasets import Dataset
 
 from conftest import stop_server
