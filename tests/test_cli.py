@@ -16,7 +16,9 @@ from selfdistill.tasks import arithmetic
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes")
 RECIPES = sorted(glob.glob(os.path.join(RECIPES_DIR, "**", "*.yaml"), recursive=True))
-TRAIN_RECIPES = [r for r in RECIPES if os.sep + "accelerate" + os.sep not in r]
+# accelerate/: launch configs; continual/: `selfdistill continual` plans (test_continual_recipes_parse_every_stage)
+TRAIN_RECIPES = [r for r in RECIPES if not any(os.sep + d + os.sep in r for d in ("accelerate", "continual"))]
+CONTINUAL_RECIPES = [r for r in RECIPES if os.sep + "continual" + os.sep in r]
 
 
 def test_train_runs_a_two_step_config_and_eval_and_plot_work(student_dir, tmp_path, capsys):
@@ -74,6 +76,20 @@ def test_every_recipe_builds_its_trainer(recipe, student_dir, teacher_dir, tmp_p
                                       "sft": "SFTKLTrainer"}.get(method, "SelfDistillTrainer")
     if method in ("sdpo", "sdft", "opsd"):
         assert trainer.args.mode == method
+
+
+@pytest.mark.parametrize("recipe", CONTINUAL_RECIPES, ids=os.path.basename)
+def test_continual_recipes_parse_every_stage(recipe, student_dir, tmp_path):
+    """Each (seed, arm, stage) of a continual plan parses and is checked as `selfdistill continual` does before any
+    model loads (the tiny student in place of SmolLM2)."""
+    from selfdistill import continual
+
+    plan = continual.load_plan(recipe, output_dir=str(tmp_path))
+    for arm in plan["arms"]:
+        for k in range(1, len(plan["stages"]) + 1):
+            method, run, config, dataset = continual.prepare_stage(
+                continual.stage_fields(plan, arm, plan["seeds"][0], k, student_dir))
+            assert method == run.method and len(dataset) > 0
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero3", "fsdp2"])
