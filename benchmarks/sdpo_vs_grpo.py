@@ -44,6 +44,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from selfdistill.cli import DEMO
 from selfdistill.context import (
     FEEDBACK_TEMPLATE,
     QUESTION_LAST_FEEDBACK_TEMPLATE,
@@ -56,26 +57,10 @@ from selfdistill.context import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 ANSWER = "Answer with just the number."
 
-# The demo's budget (README, "Demo"): 12 steps × 8 rollouts (one prompt per step), lr 2e-5, 32 completion tokens.
-BUDGET = {
-    "model_name_or_path": "smollm2",
-    "dataset_name": "arithmetic",
-    "train_size": 96,
-    "reward_funcs": ["accuracy"],
-    "reward_options": {"accuracy": {"reveal_solution": True, "last_number": True}},
-    "learning_rate": 2.0e-5,
-    "max_steps": 12,
-    "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "num_generations": 8,
-    "max_completion_length": 32,
-    "temperature": 0.7,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "report_to": "none",
-    "bf16": False,
-    "disable_tqdm": True,
-}
+# The demo's budget (README, "Demo"): 12 steps × 8 rollouts (one prompt per step), lr 2e-5, 32 completion tokens; the
+# study evaluates and seeds its runs itself.
+NOT_BUDGET = ("method", "baseline", "dataset_options", "eval_tasks", "eval_size", "output_dir", "seed")
+BUDGET = {k: v for k, v in DEMO.items() if k not in NOT_BUDGET} | {"disable_tqdm": True}
 
 TASKS = {  # name: options of the built-in arithmetic task (selfdistill.tasks.arithmetic)
     "add2": {"difficulty": 2, "instruction": ANSWER},
