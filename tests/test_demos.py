@@ -19,11 +19,15 @@ pytestmark = [
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def test_sdpo_demo_beats_grpo_from_the_same_start(tmp_path):
-    """The embedded default (seed 0), measured: held-out pass@1 0.20 → 0.36 after SDPO, 0.20 after GRPO."""
+def test_sdpo_demo_reproduces_its_readme_figures(tmp_path):
+    """The embedded default (seed 0, the `sdpo` preset), measured through the study script's identical run
+    (`benchmarks/sdpo_vs_grpo.py --stage demo`, the first 50 of its 100 held-out problems): held-out pass@1 0.20 →
+    0.24 after SDPO, 0.20 after GRPO. Seeded runs reproduce (the study's GRPO runs gave the demo's own numbers for
+    seeds 0-2 exactly); ±2 problems of 50 allow for another CPU's kernels."""
     table = cli.train(["--output_dir", str(tmp_path)])
     before, sdpo, grpo = (table[label]["arithmetic"]["pass@1"] for label in ("before", "after sdpo", "after grpo"))
-    assert sdpo >= before + 0.1, (before, sdpo)
+    for measured, claimed in ((before, 0.20), (sdpo, 0.24), (grpo, 0.20)):
+        assert abs(measured - claimed) <= 0.04 + 1e-9, (before, sdpo, grpo)
     assert sdpo > grpo, (sdpo, grpo)
     assert (tmp_path / "curves.png").exists()
 
