@@ -23,15 +23,17 @@ a logit-level term pulls the student towards). All arms score the same rollouts.
 
 The stages of the study (README, "Self-distillation study", says what each found and why the next was chosen):
 
-    python benchmarks/sdpo_vs_grpo.py --diagnose --arms sdpo sdpo-noreveal sdpo-qlast --seeds 100 101
-    python benchmarks/sdpo_vs_grpo.py --stage screen        # one change at a time, add2, 2 screening seeds
-    python benchmarks/sdpo_vs_grpo.py --stage combine       # combinations of what helped, add2, 3 screening seeds
+    python benchmarks/sdpo_vs_grpo.py --diagnose --arms sdpo-paper paper-feedback paper-sibling paper-noreveal \
+        paper-steps paper-noreveal-steps sdpo-qlast --seeds 100 101
+    python benchmarks/sdpo_vs_grpo.py --stage screen        # the paper's templates or question-last, vs GRPO
+    python benchmarks/sdpo_vs_grpo.py --stage screen2       # one change at a time on the question-last templates
+    python benchmarks/sdpo_vs_grpo.py --stage demo          # the chosen preset vs GRPO on the README demo's seeds 0-2
     python benchmarks/sdpo_vs_grpo.py --stage confirm       # the chosen preset vs GRPO, add2 + add3, 5 fresh seeds
     python benchmarks/sdpo_vs_grpo.py --stage word          # the worked-steps word problems, 3 fresh seeds
     python benchmarks/sdpo_vs_grpo.py --stage confirm --summary   # tables and figures only, from the files
 
 Any selection can be given explicitly: `--tasks add2 --arms grpo sdpo --seeds 0 1 2`. Screening seeds (100+) and
-confirmation seeds (200+) differ, so the reported held-out problems and training draws were never used to choose.
+confirmation seeds (0-2, 200+) differ, so the reported held-out problems and training draws were never used to choose.
 """
 
 import argparse
