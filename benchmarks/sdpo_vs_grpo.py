@@ -109,6 +109,16 @@ ARMS = {
     "qlast-t1": QLAST | {"temperature": 1.0},
     "qlast-feedback": QLAST | {"context_sources": ["feedback"]},
     "qlast-steps": QLAST | STEPS,
+    # stage 3 (sweep): the rest of the list, one change at a time on the preset, in order of priority
+    "qlast-noreveal": QLAST | NO_REVEAL,  # the feedback says only that the answer is wrong
+    "qlast-sibling": QLAST | {"context_sources": ["sibling"]},
+    "qlast-base": QLAST | {"teacher": "base", "teacher_update_rate": 0.0},  # the frozen start as teacher
+    "qlast-ema0.2": QLAST | {"teacher_update_rate": 0.2},
+    "qlast-kl1": QLAST | {"kl_coef": 1.0},  # the sampled-token advantage added to the logit-level term
+    "qlast-beta0": QLAST | {"distill_beta": 0.0},  # forward KL(T‖S), SDFT's
+    "qlast-beta1": QLAST | {"distill_beta": 1.0},  # reverse KL(S‖T), on-policy distillation's
+    "qlast-top20": QLAST | {"distill_top_k": 20},
+    "qlast-notail": QLAST | {"distill_add_tail": False},
 }
 
 SCREEN_SEEDS, CONFIRM_SEEDS = [100, 101], [200, 201, 202, 203, 204]
@@ -117,6 +127,10 @@ STAGES = {  # name: (tasks, arms, seeds); README "Self-distillation study" says 
     "screen": (["add2"], ["grpo", "sdpo-paper", "sdpo-qlast"], SCREEN_SEEDS),
     # Stage 2: one change at a time on top of it, in order of priority (a cut-short stage keeps the important arms).
     "screen2": (["add2"], ["qlast-sampled", "qlast-pw0", "qlast-live"], SCREEN_SEEDS),
+    # Stage 3: the temperature, feedback text, context sources, teacher, kl_coef and objective, one at a time.
+    "sweep": (["add2"], ["grpo-t1", "qlast-t1", "qlast-noreveal", "qlast-feedback", "qlast-sibling", "qlast-base",
+                         "qlast-ema0.2", "qlast-kl1", "qlast-beta0", "qlast-beta1", "qlast-top20", "qlast-notail"],
+              SCREEN_SEEDS),
     # The chosen preset (the library's `sdpo` now) against GRPO on fresh seeds, on both additions.
     "confirm": (["add2", "add3"], ["grpo", "sdpo"], CONFIRM_SEEDS),
     # The README demo's seeds (`selfdistill train --seed N` trains exactly these runs; it evaluates the first 50).
