@@ -193,23 +193,13 @@ def _build(settings: dict, output_dir: str):
 
 
 def _held_out(model, tokenizer, run, config) -> tuple[float, list]:
-    """Held-out greedy pass@1 and every answer with its grade and feedback, from one generation: what
-    `selfdistill.evaluate.evaluate` measures (same problems, batches, reward options and pass@1), plus the answers."""
-    from selfdistill.evaluate import eval_mode, generate
-    from selfdistill.rewards import FEEDBACK_KEY, get_reward
-    from selfdistill.tasks import load_task
+    """Held-out greedy pass@1 and every answer with its grade and feedback, exactly as the CLI's runs evaluate."""
+    from selfdistill import cli
+    from selfdistill.evaluate import evaluate
 
-    data = load_task("arithmetic", split="test", n=run.eval_size, seed=config.seed, **run.dataset_options)
-    with eval_mode(model):
-        texts = generate(model, tokenizer, data["prompt"], max_new_tokens=config.max_completion_length,
-                         temperature=0.0, batch_size=16, desc="held-out")
-    slots = [[] for _ in texts]
-    grades = get_reward("accuracy", **run.reward_options["accuracy"])(
-        prompts=data["prompt"], completions=texts, solution=data["solution"], **{FEEDBACK_KEY: slots})
-    scored = [g for g in grades if g is not None]
-    answers = [{"gold": gold, "answer": text, "reward": grade, "feedback": "\n".join(slot) or None}
-               for gold, text, grade, slot in zip(data["solution"], texts, grades, slots)]
-    return sum(g >= 1.0 for g in scored) / max(len(scored), 1), answers
+    result = evaluate(model, tokenizer, ["arithmetic"], **cli._held_out(run, config),
+                      reward_options=run.reward_options, answers=True)["arithmetic"]
+    return result["pass@1"], result["answers"]
 
 
 def run_one(task: str, arm: str, seed: int, args) -> dict:

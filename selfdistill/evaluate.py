@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .rewards import get_reward
+from .rewards import FEEDBACK_KEY, get_reward
 from .tasks import load_task
 from .teachers import ModelTeacher
 
@@ -59,8 +59,12 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int, temperatur
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 50, seed: int = 0, temperature: float = 0.0,
              max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, task_options: dict | None = None,
-             reward_options: dict | None = None) -> dict:
+             reward_options: dict | None = None, answers: bool = False) -> dict:
     """`{task: {"pass@1", "mean_reward", "n"}}` on the held-out ("test") split of each task.
+
+    pass@1 = (1/n) Σ_i 1[r_i ≥ 1] and mean_reward = (1/n) Σ_i r_i over the n problems the reward scores (a reward of
+    None, "not applicable", is left out). `answers=True` adds `"answers"`: per problem, its completion, its reward, the
+    verifier's feedback on it (what a self-distillation teacher would be shown) and the task's other columns.
 
     `task_options` are keyword arguments of the task builders, by task name; `reward_options` those of the rewards,
     by reward name (as in a training run's `reward_options`, so the evaluation grades like the training reward).
@@ -71,7 +75,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 50, seed: int = 0, 
     with eval_mode(model):
         return _evaluate(model, tokenizer, tasks, n=n, seed=seed, temperature=temperature,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, task_options=task_options,
-                         reward_options=reward_options)
+                         reward_options=reward_options, answers=answers)
 
 
 @contextmanager
@@ -88,7 +92,7 @@ def eval_mode(*models):
 
 
 def _evaluate(model, tokenizer, tasks, *, n, seed, temperature, max_new_tokens, batch_size, task_options,
-              reward_options) -> dict:
+              reward_options, answers) -> dict:
     results = {}
     for task in tasks:
         dataset = load_task(task, split="test", n=n, seed=seed, **(task_options or {}).get(task, {}))
@@ -96,12 +100,19 @@ def _evaluate(model, tokenizer, tasks, *, n, seed, temperature, max_new_tokens, 
                                temperature=temperature, batch_size=batch_size, desc=f"eval {task}")
         reward = get_reward(TASK_REWARDS[task], **(reward_options or {}).get(TASK_REWARDS[task], {}))
         columns = {k: dataset[k] for k in dataset.column_names if k != "prompt"}
-        scores = [s for s in reward(prompts=dataset["prompt"], completions=completions, **columns) if s is not None]
+        feedback = [[] for _ in completions]  # filled by rewards that explain their grade (rewards.add_feedback)
+        rewards = reward(prompts=dataset["prompt"], completions=completions, **columns, **{FEEDBACK_KEY: feedback})
+        scores = [s for s in rewards if s is not None]
         results[task] = {
             "pass@1": sum(s >= 1.0 for s in scores) / max(len(scores), 1),
             "mean_reward": sum(scores) / max(len(scores), 1),
             "n": len(scores),
         }
+        if answers:
+            results[task]["answers"] = [
+                {"completion": text, "reward": score, "feedback": "\n".join(lines) or None,
+                 **{k: values[i] for k, values in columns.items()}}
+                for i, (text, score, lines) in enumerate(zip(completions, rewards, feedback))]
     return results
 
 

@@ -29,6 +29,20 @@ def test_evaluate_grades_with_the_reward_options(monkeypatch):
     assert modes == [False, False] and model.training  # generated in eval mode, training mode restored
 
 
+def test_evaluate_keeps_each_answer_with_its_grade_and_feedback(monkeypatch):
+    golds = arithmetic(3, seed=0, split="test")["solution"]
+    texts = [f"The sum is {golds[0]}.", f"The sum is {int(golds[1]) + 1}.", ""]
+    monkeypatch.setattr(evaluation, "generate", lambda model, tokenizer, prompts, **kwargs: texts)
+    result = evaluation.evaluate(torch.nn.Linear(1, 1), None, ["arithmetic"], n=3, answers=True,
+                                 reward_options={"accuracy": {"last_number": True, "reveal_solution": True}})
+    answers = result["arithmetic"]["answers"]
+    assert [a["completion"] for a in answers] == texts and [a["solution"] for a in answers] == golds
+    assert [a["reward"] for a in answers] == [1.0, 0.0, 0.0] and result["arithmetic"]["pass@1"] == 1 / 3
+    assert answers[0]["feedback"] is None  # a right answer gets no feedback; a wrong one is told why
+    assert f"correct answer is {golds[1]}" in answers[1]["feedback"] and answers[2]["feedback"]
+    assert "answers" not in evaluation.evaluate(torch.nn.Linear(1, 1), None, ["arithmetic"], n=3)["arithmetic"]
+
+
 def test_eval_settings_come_from_the_flags_then_the_run_then_the_defaults(tmp_path):
     """`selfdistill eval --model RUN_DIR` takes the run's evaluation settings (run_args.json); a flag given wins."""
     run = {"tasks": ["arithmetic"], "n": 20, "seed": 7, "max_new_tokens": 4,
