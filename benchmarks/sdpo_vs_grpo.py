@@ -27,6 +27,7 @@ The stages of the study (README, "Self-distillation study", says what each found
         paper-steps paper-noreveal-steps sdpo-qlast --seeds 100 101
     python benchmarks/sdpo_vs_grpo.py --stage screen        # the paper's templates or question-last, vs GRPO
     python benchmarks/sdpo_vs_grpo.py --stage screen2       # one change at a time on the question-last templates
+    python benchmarks/sdpo_vs_grpo.py --stage sweep --eval_steps 0 12   # the rest of the list, one change at a time
     python benchmarks/sdpo_vs_grpo.py --stage demo          # the chosen preset vs GRPO on the README demo's seeds 0-2
     python benchmarks/sdpo_vs_grpo.py --stage confirm       # the chosen preset vs GRPO, add2 + add3, 5 fresh seeds
     python benchmarks/sdpo_vs_grpo.py --stage word          # the worked-steps word problems, 3 fresh seeds
@@ -127,8 +128,9 @@ STAGES = {  # name: (tasks, arms, seeds); README "Self-distillation study" says 
     "screen": (["add2"], ["grpo", "sdpo-paper", "sdpo-qlast"], SCREEN_SEEDS),
     # Stage 2: one change at a time on top of it, in order of priority (a cut-short stage keeps the important arms).
     "screen2": (["add2"], ["qlast-sampled", "qlast-pw0", "qlast-live"], SCREEN_SEEDS),
-    # Stage 3: the temperature, feedback text, context sources, teacher, kl_coef and objective, one at a time.
-    "sweep": (["add2"], ["grpo-t1", "qlast-t1", "qlast-noreveal", "qlast-feedback", "qlast-sibling", "qlast-base",
+    # Stage 3: the temperature, feedback text, context sources, teacher, kl_coef and objective, one at a time, with
+    # GRPO and the preset re-run beside them (the same evaluation steps, so the same runs).
+    "sweep": (["add2"], ["grpo", "sdpo", "grpo-t1", "qlast-t1", "qlast-noreveal", "qlast-feedback", "qlast-sibling", "qlast-base",
                          "qlast-ema0.2", "qlast-kl1", "qlast-beta0", "qlast-beta1", "qlast-top20", "qlast-notail"],
               SCREEN_SEEDS),
     # The chosen preset (the library's `sdpo` now) against GRPO on fresh seeds, on both additions.

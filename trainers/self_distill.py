@@ -18,7 +18,8 @@ Presets (`mode=`), each default with its source:
     paper's wrote "1. 39 + 48 = 77" (two numbers, graded wrong). Not confirmed on fresh seeds 0-2: there the paper's
     templates gave 0.36, 0.55, 0.39 against these templates' 0.23, 0.59, 0.33 (GRPO 0.16, 0.47, 0.28), a difference
     within the seed spread; these stay the default as the screen chose them, and the paper's are one setting away.
-    Over 6 fresh seeds the preset ended at 0.45 ± 0.15 against GRPO's 0.33 ± 0.15, at or above it on each seed.
+    Over 8 fresh seeds the preset ended at 0.43 ± 0.16 against GRPO's 0.34 ± 0.13, above it on 6, below on one
+    (seed 203: 0.20 against 0.39, its student took up the teacher's bare "The answer is N." format).
   - JSD β=0.5 on the student's top-100 with a tail bucket, IS clip 2 (the paper's): the sampled-token advantage gave
     0.09 and 0.35. It pushes the wrong digit down (−4.6 nats on it in the diagnosis) without saying which digit is
     right, which the logit-level term does: the teacher's top token at the answer's first digit was the gold's on
