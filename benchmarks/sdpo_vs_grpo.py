@@ -30,6 +30,7 @@ The stages of the study (README, "Self-distillation study", says what each found
     python benchmarks/sdpo_vs_grpo.py --stage sweep --eval_steps 0 12   # the rest of the list, one change at a time
     python benchmarks/sdpo_vs_grpo.py --stage demo          # the chosen preset vs GRPO on the README demo's seeds 0-2
     python benchmarks/sdpo_vs_grpo.py --stage confirm       # the chosen preset vs GRPO, add2 + add3, 5 fresh seeds
+    python benchmarks/sdpo_vs_grpo.py --stage confirm-t1    # GRPO at T=1 on the same fresh seeds of add2
     python benchmarks/sdpo_vs_grpo.py --stage word          # the worked-steps word problems, 3 fresh seeds
     python benchmarks/sdpo_vs_grpo.py --stage confirm --summary   # tables and figures only, from the files
 
@@ -135,6 +136,8 @@ STAGES = {  # name: (tasks, arms, seeds); README "Self-distillation study" says 
               SCREEN_SEEDS),
     # The chosen preset (the library's `sdpo` now) against GRPO on fresh seeds, on both additions.
     "confirm": (["add2", "add3"], ["grpo", "sdpo"], CONFIRM_SEEDS),
+    # GRPO at T=1, which did better than at the budget's 0.7 on the sweep's screening seeds, on the same fresh seeds.
+    "confirm-t1": (["add2"], ["grpo-t1"], CONFIRM_SEEDS),
     # The README demo's seeds (`selfdistill train --seed N` trains exactly these runs; it evaluates the first 50).
     "demo": (["add2"], ["grpo", "sdpo"], [0, 1, 2]),
     # Feedback that carries more than the answer: the worked solution shown to the teacher only.
