@@ -129,11 +129,11 @@ STAGES = {  # name: (tasks, arms, seeds); README "Self-distillation study" says 
     "screen": (["add2"], ["grpo", "sdpo-paper", "sdpo-qlast"], SCREEN_SEEDS),
     # Stage 2: one change at a time on top of it, in order of priority (a cut-short stage keeps the important arms).
     "screen2": (["add2"], ["qlast-sampled", "qlast-pw0", "qlast-live"], SCREEN_SEEDS),
-    # Stage 3: the temperature, feedback text, context sources, teacher, kl_coef and objective, one at a time, with
-    # GRPO and the preset re-run beside them (the same evaluation steps, so the same runs).
-    "sweep": (["add2"], ["grpo", "sdpo", "grpo-t1", "qlast-t1", "qlast-noreveal", "qlast-feedback", "qlast-sibling", "qlast-base",
-                         "qlast-ema0.2", "qlast-kl1", "qlast-beta0", "qlast-beta1", "qlast-top20", "qlast-notail"],
-              SCREEN_SEEDS),
+    # Stage 3: the temperature, feedback text, context sources, teacher, kl_coef and objective, one at a time; GRPO
+    # and the preset are re-run in it because its runs evaluate at other steps (`--eval_steps 0 12`).
+    "sweep": (["add2"], ["grpo", "sdpo", "grpo-t1", "qlast-t1", "qlast-noreveal", "qlast-feedback", "qlast-sibling",
+                         "qlast-base", "qlast-ema0.2", "qlast-kl1", "qlast-beta0", "qlast-beta1", "qlast-top20",
+                         "qlast-notail"], SCREEN_SEEDS),
     # The chosen preset (the library's `sdpo` now) against GRPO on fresh seeds, on both additions.
     "confirm": (["add2", "add3"], ["grpo", "sdpo"], CONFIRM_SEEDS),
     # GRPO at T=1, which did better than at the budget's 0.7 on the sweep's screening seeds, on the same fresh seeds.

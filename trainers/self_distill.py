@@ -33,9 +33,10 @@ Presets (`mode=`), each default with its source:
     the feedback quotes). A sibling alone gave no context to 68% of failed rollouts.
   The sweep of the rest, one change at a time on this preset, same seeds (preset 0.57 and 0.45): JSD β 0 or 1, top-20,
   no tail, a frozen base teacher, EMA rate 0.2 all ended within 5 points of it (0.46 to 0.52 mean), so the paper's
-  values stay; temperature 1 (0.23, 0.35), `kl_coef=1` on top of the JSD (0.13, 0.24), a sibling alone (0.41, 0.35)
-  and feedback that hides the answer (0.42, 0.52) did worse. The budget's temperature 0.7 stays: GRPO did better at 1
-  on these seeds (0.41, 0.31 against 0.32, 0.23) but not on fresh seeds 200-204 (0.28 ± 0.17 against 0.37 ± 0.12).
+  values stay; temperature 1 (0.23, 0.35), `kl_coef=1` on top of the JSD (0.13, 0.24) and a sibling alone (0.41,
+  0.35) did worse; feedback that hides the answer (0.42, 0.52) is within noise of it, worse in the diagnosis. The
+  budget's temperature 0.7 stays: GRPO did better at 1 on these seeds (0.41, 0.31 against 0.32, 0.23) but not on fresh
+  seeds 200-204 (0.28 ± 0.17 against 0.37 ± 0.12).
 - `sdft` (Shenfeld et al. 2026, "Self-Distillation Enables Continual Learning", arXiv:2601.19897): demonstration context, EMA 0.01,
   forward KL (β=0) over the full vocabulary (the author confirmed the paper's results used it; `distill_top_k=20`
   is the cheap option), one generation per prompt (the demonstration does not depend on siblings).
